@@ -1,0 +1,119 @@
+"""Tiny random checkpoints of each family, written with ``transformers`` itself.
+
+Used by the tests (reference equality, FP8 and corrupt-file handling) and by the
+benchmarks (memory at L vs 4L layers). The checkpoints are real Hugging Face
+folders: ``transformers`` builds the model and writes it, we only read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+TINY_BASE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+TINY_FAMILY_OVERRIDES: dict[str, dict] = {
+    "llama": dict(attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """A ``transformers`` config of ``model_type`` with tiny dimensions."""
+    kwargs = {**TINY_BASE, **TINY_FAMILY_OVERRIDES.get(model_type, {}), **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
+    """Write a randomly initialised model of ``model_type`` as a Hugging Face folder.
+
+    Args:
+        out_dir: destination folder.
+        model_type: a ``transformers`` model type (``llama``, ``qwen2``, ``qwen3`` ...).
+        seed: initialisation seed.
+        dtype: stored dtype.
+        max_shard_size: shard the safetensors (e.g. ``"200KB"``) to exercise the index path.
+        overrides: config fields to change (e.g. ``num_hidden_layers``).
+
+    Returns:
+        ``out_dir``.
+    """
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # random init of norms is all ones; perturb so tests see them
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return Path(out_dir)
+
+
+def quantize_fp8_blockwise(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast ``weight`` to e4m3 with one inverse scale per ``block x block`` tile (DeepSeek layout)."""
+    out_dim, in_dim = weight.shape
+    rows, cols = -(-out_dim // block), -(-in_dim // block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:out_dim, :in_dim] = weight.float()
+    tiles = padded.view(rows, block, cols, block)
+    scale_inv = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * block, cols * block)[:out_dim, :in_dim].contiguous(), scale_inv
+
+
+def fp8_twins(src_dir: str | Path, fp8_dir: str | Path, bf16_dir: str | Path) -> tuple[Path, Path]:
+    """From a checkpoint, write an FP8 copy (2-D block weights in e4m3 + ``weight_scale_inv``)
+    and its dequantized bf16 twin, which hold exactly the same values."""
+    from .checkpoint import dequantize_fp8_blockwise
+
+    src_dir, fp8_dir, bf16_dir = Path(src_dir), Path(fp8_dir), Path(bf16_dir)
+    config = json.loads((src_dir / "config.json").read_text())
+    tensors = {}
+    for f in sorted(src_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    fp8, bf16 = {}, {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and ".layers." in name and name.endswith("proj.weight"):
+            q, scale_inv = quantize_fp8_blockwise(tensor)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale_inv
+            bf16[name] = dequantize_fp8_blockwise(q, scale_inv)
+        else:
+            fp8[name] = bf16[name] = tensor.to(torch.bfloat16)
+    for out, state, qcfg in (
+        (fp8_dir, fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                        "weight_block_size": [128, 128]}),
+        (bf16_dir, bf16, None),
+    ):
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {**config, "torch_dtype": "bfloat16"}
+        cfg.pop("dtype", None)
+        if qcfg:
+            cfg["quantization_config"] = qcfg
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return fp8_dir, bf16_dir
