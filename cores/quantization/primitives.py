@@ -1,0 +1,349 @@
+"""Quantization math as small pure functions.
+
+Granularity is data: every scale/zero-point computation reshapes the tensor to a
+``[n_rows, block]`` view (one row per scale), reduces along the last axis, and
+reshapes back. Per-channel, per-group, per-token and per-tensor share that path.
+
+Integer quantization is symmetric by default with ``scale = absmax / qmax`` and
+``qmax = 2**(bits-1) - 1``; codes are clamped to the full signed range
+``[-2**(bits-1), 2**(bits-1) - 1]`` as serving kernels do. Rounding in the
+fake-quant path uses a straight-through estimator so gradients reach both the
+input and the scale.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCALE_EPS = 1e-8
+"""Smallest scale ever produced: all-zero rows quantize to 0 instead of NaN."""
+
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+"""Largest finite float8-e4m3fn value (448)."""
+
+
+class GranularityKind(enum.Enum):
+    """Which elements share one scale."""
+
+    CHANNEL = "channel"
+    GROUP = "group"
+    TOKEN = "token"
+    TENSOR = "tensor"
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """How a tensor is cut into rows that each get one scale.
+
+    Attributes:
+        kind: Which elements share a scale.
+        group_size: Elements per group along the last dim (``GROUP`` only).
+    """
+
+    kind: GranularityKind
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is GranularityKind.GROUP:
+            if self.group_size is None or self.group_size <= 0:
+                raise ValueError(f"group granularity needs a positive group_size, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size applies to group granularity only, not {self.kind.value}")
+
+    def __str__(self) -> str:
+        return f"group{self.group_size}" if self.kind is GranularityKind.GROUP else self.kind.value
+
+
+def per_channel() -> Granularity:
+    """One scale per output row of a weight ``[..., out, in]``."""
+    return Granularity(GranularityKind.CHANNEL)
+
+
+def per_group(group_size: int) -> Granularity:
+    """One scale per ``group_size`` consecutive elements along the last (input) dim."""
+    return Granularity(GranularityKind.GROUP, group_size)
+
+
+def per_token() -> Granularity:
+    """One scale per row of the flattened ``[tokens, features]`` activation."""
+    return Granularity(GranularityKind.TOKEN)
+
+
+def per_tensor() -> Granularity:
+    """One scale for the whole tensor."""
+    return Granularity(GranularityKind.TENSOR)
+
+
+def block_size(shape: tuple[int, ...] | torch.Size, granularity: Granularity) -> int:
+    """Number of elements that share one scale.
+
+    Args:
+        shape: Shape of the tensor to quantize.
+        granularity: How scales are shared.
+
+    Returns:
+        The length of one row of the ``[n_rows, block]`` view.
+
+    Raises:
+        ValueError: For a 0-d tensor, or when the group size does not divide the
+            last dim.
+    """
+    if len(shape) == 0:
+        raise ValueError("cannot quantize a 0-d tensor; reshape it to at least 1-d")
+    last = shape[-1]
+    if granularity.kind is GranularityKind.TENSOR:
+        return math.prod(shape)
+    if granularity.kind is GranularityKind.GROUP:
+        group = granularity.group_size
+        if last % group != 0:
+            raise ValueError(
+                f"group size {group} does not divide the input dim {last} of shape {tuple(shape)}; "
+                f"choose a group size that divides {last}"
+            )
+        return group
+    return last
+
+
+def scale_shape(shape: tuple[int, ...] | torch.Size, granularity: Granularity) -> tuple[int, ...]:
+    """Shape of the exported scale, as compressed-tensors lays it out.
+
+    Per-channel/per-token ``[..., rows, 1]``; per-group ``[..., rows, in // g]``;
+    per-tensor ``[1]``.
+
+    Args:
+        shape: Shape of the quantized tensor.
+        granularity: How scales are shared.
+
+    Returns:
+        The scale shape.
+    """
+    block = block_size(shape, granularity)
+    if granularity.kind is GranularityKind.TENSOR:
+        return (1,)
+    return (*shape[:-1], shape[-1] // block)
+
+
+def to_groups(x: Tensor, granularity: Granularity) -> Tensor:
+    """Reshape ``x`` to ``[n_rows, block]``: one row per scale.
+
+    Args:
+        x: Tensor to quantize.
+        granularity: How scales are shared.
+
+    Returns:
+        A view (or copy, for non-contiguous input) of ``x``.
+    """
+    return x.reshape(-1, block_size(x.shape, granularity))
+
+
+def from_groups(x_groups: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Inverse of :func:`to_groups`."""
+    return x_groups.reshape(shape)
+
+
+def group_range(x: Tensor, granularity: Granularity) -> tuple[Tensor, Tensor]:
+    """Per-row minimum and maximum of the ``[n_rows, block]`` view.
+
+    Args:
+        x: Tensor to observe.
+        granularity: How scales are shared.
+
+    Returns:
+        ``(min_val, max_val)``, each ``[n_rows, 1]``.
+    """
+    groups = to_groups(x, granularity)
+    return groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Signed integer code range ``(-2**(bits-1), 2**(bits-1) - 1)``."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer quantization supports 2..8 bits, got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (ties to even) with an identity gradient.
+
+    The result equals ``x.round()`` exactly: ``round(x) - x`` is exact in floating
+    point (Sterbenz), so adding ``x`` back recovers ``round(x)``.
+    """
+    return (x.round() - x).detach() + x
+
+
+def compute_scale_zp(min_val: Tensor, max_val: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point that map ``[min_val, max_val]`` onto ``bits``-bit codes.
+
+    Symmetric: ``scale = max(|min|, |max|) / qmax``, zero-point 0. Asymmetric: the
+    range is widened to contain 0, ``scale = (max - min) / (qmax - qmin)`` and the
+    zero-point (rounded with an STE, clamped to the code range) maps ``min`` to
+    ``qmin``. Scales are clamped to at least :data:`SCALE_EPS`. Differentiable in
+    ``min_val``/``max_val``.
+
+    Args:
+        min_val: Range lower bound, any shape.
+        max_val: Range upper bound, same shape.
+        bits: Code width.
+        symmetric: Symmetric (zero-point 0) or asymmetric quantization.
+
+    Returns:
+        ``(scale, zero_point)`` with the shape of the inputs; the zero-point is a
+        float tensor holding integers.
+    """
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        absmax = torch.maximum(min_val.abs(), max_val.abs())
+        scale = (absmax / qmax).clamp(min=SCALE_EPS)
+        return scale, torch.zeros_like(scale)
+    min_val = min_val.clamp(max=0)
+    max_val = max_val.clamp(min=0)
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp(min=SCALE_EPS)
+    zero_point = (qmin - round_ste(min_val / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, ste: bool) -> Tensor:
+    rounded = round_ste(x / scale) if ste else (x / scale).round()
+    return (rounded + zero_point).clamp(qmin, qmax)
+
+
+def quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, dtype: torch.dtype = torch.int8
+) -> Tensor:
+    """Integer codes ``clamp(round(x / scale) + zp, qmin, qmax)``.
+
+    Args:
+        x: Values; ``scale`` and ``zero_point`` broadcast against it.
+        scale: Positive scale.
+        zero_point: Zero-point (float tensor holding integers).
+        qmin: Smallest code.
+        qmax: Largest code.
+        dtype: Integer dtype of the result.
+
+    Returns:
+        The codes, in ``dtype``.
+    """
+    return _codes(x, scale, zero_point, qmin, qmax, ste=False).to(dtype)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``(q - zp) * scale`` in the dtype of ``scale``."""
+    return (q.to(scale.dtype) - zero_point) * scale
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize-dequantize with a straight-through round.
+
+    Bit-identical to ``dequantize(quantize(x, ...), ...)``; gradients flow to ``x``
+    inside the clamp range and to ``scale`` everywhere.
+
+    Args:
+        x: Values; ``scale`` and ``zero_point`` broadcast against it.
+        scale: Positive scale.
+        zero_point: Zero-point (float tensor holding integers).
+        qmin: Smallest code.
+        qmax: Largest code.
+
+    Returns:
+        The fake-quantized values, in the dtype of ``scale``.
+    """
+    return dequantize(_codes(x, scale, zero_point, qmin, qmax, ste=True), scale, zero_point)
+
+
+def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    """float8-e4m3fn quantize-dequantize with a straight-through cast.
+
+    ``(x / scale)`` is clamped to ``±448``, cast to ``float8_e4m3fn`` and back, and
+    multiplied by ``scale``. The cast's gradient is the identity.
+
+    Args:
+        x: Values (fp32 or wider recommended).
+        scale: Positive scale broadcasting against ``x``.
+
+    Returns:
+        The fake-quantized values, in the dtype of ``x``.
+    """
+    scaled = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    cast = scaled.to(torch.float8_e4m3fn).to(scaled.dtype)
+    return ((cast - scaled).detach() + scaled) * scale
+
+
+def sigmoid_clip(logit: Tensor, init_logit: float) -> Tensor:
+    """Learnable clip factor ``sigmoid(logit) / sigmoid(init_logit)``.
+
+    Equals exactly 1.0 while ``logit`` holds its initial value (both sigmoids run
+    through the same kernel on same-shaped tensors, and ``a / a == 1``), so a fresh
+    learnable clip reproduces plain absmax bit for bit. The factor stays in
+    ``(0, 1 / sigmoid(init_logit))`` and its gradient at init is
+    ``1 - sigmoid(init_logit)``, the same as OmniQuant's ``sigmoid`` bound.
+
+    Args:
+        logit: Learnable logits.
+        init_logit: The value ``logit`` was initialised to.
+
+    Returns:
+        The clip factor, shaped like ``logit``.
+    """
+    return torch.sigmoid(logit) / torch.sigmoid(torch.full_like(logit, init_logit))
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack int4 codes into int32 words, compressed-tensors ``pack-quantized`` layout.
+
+    Eight consecutive codes along the last dim fill one word; code ``j`` of a word,
+    offset by +8 to ``[0, 15]``, occupies bits ``4j .. 4j+3``.
+
+    Args:
+        q: ``int8`` codes in ``[-8, 7]``, shape ``[..., in]`` with ``in % 8 == 0``.
+
+    Returns:
+        ``int32`` tensor ``[..., in // 8]``.
+
+    Raises:
+        ValueError: On a wrong dtype, codes outside ``[-8, 7]`` or ``in % 8 != 0``.
+    """
+    if q.dtype is not torch.int8:
+        raise ValueError(f"pack_int4 expects int8 codes, got {q.dtype}")
+    if q.ndim == 0 or q.shape[-1] % 8 != 0:
+        raise ValueError(f"pack_int4 needs a last dim divisible by 8, got shape {tuple(q.shape)}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+    nibbles = (q.to(torch.int64) + 8).reshape(*q.shape[:-1], q.shape[-1] // 8, 8)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (nibbles << shifts).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_int4(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Inverse of :func:`pack_int4`.
+
+    Args:
+        packed: ``int32`` words ``[..., in // 8]``.
+        shape: The unpacked shape ``[..., in]``.
+
+    Returns:
+        ``int8`` codes in ``[-8, 7]`` with shape ``shape``.
+
+    Raises:
+        ValueError: On a wrong dtype or a shape that does not match ``packed``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if packed.dtype is not torch.int32:
+        raise ValueError(f"unpack_int4 expects int32 words, got {packed.dtype}")
+    if not shape or shape[-1] % 8 != 0 or tuple(packed.shape) != (*shape[:-1], shape[-1] // 8):
+        raise ValueError(f"packed shape {tuple(packed.shape)} does not match unpacked shape {shape}")
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    nibbles = ((packed.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles - 8).to(torch.int8).reshape(shape)
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB."""
+    reference, approx = reference.detach().double(), approx.detach().double()
+    noise = (reference - approx).pow(2).sum()
+    return float(10 * torch.log10(reference.pow(2).sum() / noise))

@@ -1,0 +1,193 @@
+"""A quantized linear layer with an explicit lifecycle, and helpers to swap it in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cores.quantization.quantizers import ActQuantizer, Quantizer, QuantState, WeightQuantizer
+from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, matches
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with a weight quantizer and an optional input quantizer.
+
+    Keeps the wrapped layer's ``weight`` and ``bias`` parameters under the same
+    names (the very same tensors, not copies), so checkpoint keys still load.
+
+    States (see :class:`QuantState`):
+
+    - ``FLOAT``: exactly ``nn.Linear``.
+    - ``CALIBRATE``: float output; the input quantizer observes its input.
+    - ``FAKE_QUANT``: fp32 math on fake-quantized input and weight; the clipping
+      parameters receive gradients.
+    - ``FROZEN``: the weight is quantized once to integer codes and a scale (what
+      deploy writes) and dequantized in each forward, bit-identical to
+      ``FAKE_QUANT``; no parameter receives gradients (the input still does).
+
+    Args:
+        linear: The layer to wrap.
+        weight_quantizer: Quantizer for ``linear.weight``.
+        input_quantizer: Quantizer for the input activations, or ``None``.
+
+    Raises:
+        ValueError: When the weight quantizer was built for another shape.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: WeightQuantizer,
+        input_quantizer: ActQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        if tuple(linear.weight.shape) != weight_quantizer.shape:
+            raise ValueError(
+                f"weight quantizer shape {weight_quantizer.shape} does not match weight {tuple(linear.weight.shape)}"
+            )
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.state = QuantState.FLOAT
+        self.register_buffer("_frozen_codes", None, persistent=False)
+        self.register_buffer("_frozen_scale", None, persistent=False)
+
+    @classmethod
+    def from_scheme(cls, linear: nn.Linear, scheme: QuantScheme, lwc: bool = True, lac: bool = True) -> QuantLinear:
+        """Wrap ``linear`` with the quantizers ``scheme`` asks for.
+
+        Args:
+            linear: The layer to wrap (its weight must be materialised, not meta).
+            scheme: Weight and activation settings.
+            lwc: Learn weight clipping.
+            lac: Learn activation clipping (static activations only).
+
+        Returns:
+            The wrapper, in ``FLOAT`` state.
+        """
+        device = linear.weight.device
+        weight_quantizer = WeightQuantizer(
+            linear.weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=lwc, device=device
+        )
+        static = scheme.act_mode == "static"
+        input_quantizer = ActQuantizer(scheme.a_bits, scheme.act_mode, lac=lac and static, device=device)
+        return cls(linear, weight_quantizer, input_quantizer)
+
+    def _quantizers(self) -> list[Quantizer]:
+        return [q for q in (self.weight_quantizer, self.input_quantizer) if q is not None]
+
+    def set_state(self, state: QuantState) -> None:
+        """Move this layer and its quantizers to ``state``.
+
+        Entering ``FROZEN`` quantizes the weight and caches codes and scale;
+        leaving it drops the cache.
+
+        Args:
+            state: The new state.
+        """
+        for quantizer in self._quantizers():
+            quantizer.set_state(state)
+        self.state = state
+        if state is QuantState.FROZEN:
+            self._frozen_codes, self._frozen_scale = self.weight_quantizer.quantize_weight(self.weight)
+        else:
+            self._frozen_codes = self._frozen_scale = None
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """The clipping parameters of the quantizers (never ``weight``/``bias``)."""
+        return [p for q in self._quantizers() for p in q.learnable_parameters()]
+
+    def get_qparams(self) -> dict[str, Tensor]:
+        """Deployed tensors under compressed-tensors names.
+
+        ``weight`` + ``weight_scale`` (8-bit) or ``weight_packed`` +
+        ``weight_scale`` + ``weight_shape`` (4-bit), plus ``input_scale`` for a
+        static input quantizer. ``bias`` is not included: it ships unchanged.
+        """
+        qparams = self.weight_quantizer.get_qparams(self.weight)
+        if self.input_quantizer is not None:
+            qparams.update(self.input_quantizer.get_qparams())
+        return qparams
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state in (QuantState.FLOAT, QuantState.CALIBRATE):
+            if self.input_quantizer is not None:
+                x = self.input_quantizer(x)
+            return F.linear(x, self.weight, self.bias)
+        x32 = x.float()
+        if self.input_quantizer is not None:
+            x32 = self.input_quantizer(x32)
+        bias = None if self.bias is None else self.bias.float()
+        if self.state is QuantState.FROZEN:
+            weight = self.weight_quantizer.dequantize_weight(self._frozen_codes, self._frozen_scale)
+            bias = None if bias is None else bias.detach()
+        else:
+            weight = self.weight_quantizer(self.weight.float())
+        return F.linear(x32, weight, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, state={self.state.value}"
+        )
+
+
+def quantize_linears(
+    module: nn.Module,
+    scheme: QuantScheme,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    *,
+    lwc: bool = True,
+    lac: bool = True,
+) -> dict[str, QuantLinear]:
+    """Replace, in place, every ``nn.Linear`` below ``module`` not matched by ``ignore``.
+
+    Args:
+        module: Root module (e.g. one decoder block); it is not replaced itself.
+        scheme: Quantization settings.
+        ignore: Patterns on module-relative names (``re:`` regex or fnmatch glob,
+            see :func:`~cores.quantization.schemes.matches`).
+        lwc: Learn weight clipping.
+        lac: Learn activation clipping for static activations.
+
+    Returns:
+        The new layers by module-relative name, in ``FLOAT`` state.
+
+    Raises:
+        ValueError: When a layer cannot take the scheme (e.g. the group size does
+            not divide its input dim); the message names the layer.
+    """
+    targets = [
+        (name, child)
+        for name, child in module.named_modules()
+        if name and isinstance(child, nn.Linear) and not matches(name, ignore)
+    ]
+    replaced: dict[str, QuantLinear] = {}
+    for name, linear in targets:
+        try:
+            qlinear = QuantLinear.from_scheme(linear, scheme, lwc=lwc, lac=lac)
+        except ValueError as err:
+            raise ValueError(f"cannot quantize {name!r} with {scheme.name}: {err}") from err
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), leaf, qlinear)
+        replaced[name] = qlinear
+    return replaced
+
+
+@torch.no_grad()
+def set_quant_state(module: nn.Module, state: QuantState) -> None:
+    """Move every :class:`QuantLinear` and :class:`Quantizer` below ``module`` to ``state``.
+
+    Args:
+        module: Root module.
+        state: The new state.
+    """
+    for child in module.modules():
+        if isinstance(child, (QuantLinear, Quantizer)):
+            child.set_state(state)

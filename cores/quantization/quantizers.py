@@ -1,0 +1,381 @@
+"""Quantizer modules: fake quantization with learnable clipping and an explicit state.
+
+Every quantizer follows one small interface:
+
+- ``forward(x)`` dispatches on :class:`QuantState`: identity in ``FLOAT``,
+  ``observe(x)`` then identity in ``CALIBRATE``, :meth:`Quantizer.fake_quant` in
+  ``FAKE_QUANT`` and ``FROZEN`` (learned parameters detached in ``FROZEN``);
+- ``observe(x)`` records calibration ranges (a no-op where the range comes from the
+  input itself);
+- ``fake_quant(x)`` runs in fp32 and returns ``x.dtype``;
+- ``get_qparams()`` returns exactly what the deployed checkpoint stores.
+
+Learnable clipping (weights: LWC, static activations and KV cache: LAC) multiplies
+an observed range by :func:`~cores.quantization.primitives.sigmoid_clip`, which is
+exactly 1.0 at initialisation, so a fresh quantizer reproduces round-to-nearest
+absmax bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from cores.quantization.primitives import (
+    FP8_E4M3_MAX,
+    SCALE_EPS,
+    Granularity,
+    block_size,
+    compute_scale_zp,
+    dequantize,
+    fake_quantize,
+    fake_quantize_fp8,
+    from_groups,
+    group_range,
+    int_range,
+    pack_int4,
+    per_token,
+    quantize,
+    scale_shape,
+    sigmoid_clip,
+    to_groups,
+)
+
+LWC_INIT_LOGIT = 4.0
+"""Initial logit of the LWC bounds (OmniQuant's value); the factor starts at exactly 1."""
+
+LAC_INIT_LOGIT = 4.0
+"""Initial logit of the LAC clip; the factor starts at exactly 1."""
+
+ActMode = Literal["static", "dynamic"]
+KVFormat = Literal["int8", "fp8"]
+
+
+class QuantState(enum.Enum):
+    """Lifecycle of a quantized module.
+
+    Attributes:
+        FLOAT: Full-precision forward; quantizers are bypassed.
+        CALIBRATE: Full-precision forward while static quantizers observe ranges.
+        FAKE_QUANT: Training-time fake quantization; clipping parameters get gradients.
+        FROZEN: Parameters fixed; the quantized weight is computed once and cached.
+    """
+
+    FLOAT = "float"
+    CALIBRATE = "calibrate"
+    FAKE_QUANT = "fake_quant"
+    FROZEN = "frozen"
+
+
+class Quantizer(nn.Module, abc.ABC):
+    """Base class: the state machine and the observe / fake-quant dispatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = QuantState.FLOAT
+
+    def set_state(self, state: QuantState) -> None:
+        """Move to ``state``.
+
+        Args:
+            state: The new state.
+        """
+        self.state = state
+
+    def observe(self, x: Tensor) -> None:
+        """Record calibration statistics of ``x``; nothing to record by default."""
+
+    @abc.abstractmethod
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """Quantize-dequantize ``x`` in fp32; returns ``x.dtype``."""
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """The clipping parameters an optimizer should train."""
+        return list(self.parameters())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state is QuantState.FLOAT:
+            return x
+        if self.state is QuantState.CALIBRATE:
+            self.observe(x)
+            return x
+        return self.fake_quant(x)
+
+    def _learned(self, param: Tensor) -> Tensor:
+        """``param`` in fp32, detached while frozen."""
+        param = param.float()
+        return param.detach() if self.state is QuantState.FROZEN else param
+
+    def extra_repr(self) -> str:
+        return f"state={self.state.value}"
+
+
+class WeightQuantizer(Quantizer):
+    """Symmetric integer weight quantizer with optional learnable weight clipping.
+
+    With ``lwc=True`` (OmniQuant LWC) each scale row (output channel, or group for
+    group granularity) has logits ``upbound_factor`` and ``lowbound_factor``; the
+    row's max and min are multiplied by ``sigmoid_clip`` of them before the absmax
+    scale is taken. At initialisation both factors are exactly 1, so the result is
+    plain round-to-nearest absmax quantization (RTN), which is also what
+    ``lwc=False`` computes.
+
+    Args:
+        shape: Weight shape ``[..., out, in]``.
+        bits: Code width (2..8).
+        granularity: Per-channel or per-group (any :class:`Granularity` works).
+        lwc: Learn clipping bounds.
+        device: Device of the clipping parameters.
+
+    Raises:
+        ValueError: When the group size does not divide the input dim.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        bits: int,
+        granularity: Granularity,
+        lwc: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.bits = bits
+        self.granularity = granularity
+        self.qmin, self.qmax = int_range(bits)
+        self.lwc = lwc
+        n_rows = math.prod(self.shape) // block_size(self.shape, granularity)
+        for name in ("upbound_factor", "lowbound_factor"):
+            param = nn.Parameter(torch.full((n_rows, 1), LWC_INIT_LOGIT, device=device)) if lwc else None
+            self.register_parameter(name, param)
+
+    def _scale_zp(self, groups: Tensor) -> tuple[Tensor, Tensor]:
+        lo = groups.amin(dim=-1, keepdim=True)
+        hi = groups.amax(dim=-1, keepdim=True)
+        if self.lwc:
+            hi = hi * sigmoid_clip(self._learned(self.upbound_factor), LWC_INIT_LOGIT)
+            lo = lo * sigmoid_clip(self._learned(self.lowbound_factor), LWC_INIT_LOGIT)
+        return compute_scale_zp(lo, hi, self.bits, symmetric=True)
+
+    def _groups(self, weight: Tensor) -> Tensor:
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} does not match quantizer shape {self.shape}")
+        return to_groups(weight.float(), self.granularity)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        groups = self._groups(x)
+        scale, zero_point = self._scale_zp(groups)
+        out = fake_quantize(groups, scale, zero_point, self.qmin, self.qmax)
+        return from_groups(out, x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def quantize_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Integer codes and scale of ``weight``, as deployed.
+
+        Args:
+            weight: The float weight.
+
+        Returns:
+            ``(codes, scale)``: ``int8`` codes shaped like ``weight`` and the fp32
+            scale in compressed-tensors layout (``[out, 1]`` per channel,
+            ``[out, in // g]`` per group).
+        """
+        groups = self._groups(weight)
+        scale, zero_point = self._scale_zp(groups)
+        codes = quantize(groups, scale, zero_point, self.qmin, self.qmax)
+        return from_groups(codes, self.shape), scale.reshape(scale_shape(self.shape, self.granularity))
+
+    def dequantize_weight(self, codes: Tensor, scale: Tensor) -> Tensor:
+        """fp32 weight a serving engine reconstructs from ``(codes, scale)``.
+
+        Bit-identical to :meth:`fake_quant` of the weight the codes came from.
+
+        Args:
+            codes: ``int8`` codes from :meth:`quantize_weight`.
+            scale: Scale from :meth:`quantize_weight`.
+
+        Returns:
+            The dequantized fp32 weight.
+        """
+        scale = scale.float().reshape(-1, 1)
+        groups = dequantize(to_groups(codes, self.granularity), scale, torch.zeros_like(scale))
+        return from_groups(groups, self.shape)
+
+    def get_qparams(self, weight: Tensor) -> dict[str, Tensor]:
+        """Deployed tensors for ``weight`` under compressed-tensors names.
+
+        8-bit: ``weight`` (int8) and ``weight_scale``. 4-bit (``pack-quantized``):
+        ``weight_packed`` (int32), ``weight_scale`` and ``weight_shape``.
+
+        Args:
+            weight: The float weight.
+
+        Returns:
+            Tensors keyed by their name inside the module.
+
+        Raises:
+            ValueError: For a bit width that has no deployed format here.
+        """
+        codes, scale = self.quantize_weight(weight)
+        if self.bits == 8:
+            return {"weight": codes, "weight_scale": scale}
+        if self.bits == 4:
+            return {
+                "weight_packed": pack_int4(codes),
+                "weight_scale": scale,
+                "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
+            }
+        raise ValueError(f"no deployed format for {self.bits}-bit weights; use 4 or 8 bits")
+
+    def extra_repr(self) -> str:
+        return (
+            f"shape={self.shape}, bits={self.bits}, granularity={self.granularity}, lwc={self.lwc}, "
+            f"{super().extra_repr()}"
+        )
+
+
+class ActQuantizer(Quantizer):
+    """Symmetric integer activation quantizer, static per-tensor or dynamic per-token.
+
+    ``dynamic``: the per-token absmax scale is recomputed on every call, as the
+    serving engine does at run time; nothing is observed, learned or exported.
+    ``static``: one per-tensor scale from the running absmax observed in
+    ``CALIBRATE``; with ``lac=True`` a learnable clip (logit ``clip_factor``,
+    exactly 1 at init) multiplies that absmax. The exported ``input_scale`` is
+    the very scale :meth:`fake_quant` uses.
+
+    Args:
+        bits: Code width (2..8).
+        mode: ``"static"`` or ``"dynamic"``.
+        lac: Learn the clip of a static scale.
+        device: Device of the calibration buffer and clip parameter.
+
+    Raises:
+        ValueError: On an unknown mode, or ``lac`` with a dynamic mode.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        mode: ActMode = "static",
+        lac: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"activation mode must be 'static' or 'dynamic', got {mode!r}")
+        if lac and mode == "dynamic":
+            raise ValueError(
+                "learned activation clipping needs a static scale; a dynamic scale is recomputed at run time"
+            )
+        self.bits = bits
+        self.mode = mode
+        self.lac = lac
+        self.qmin, self.qmax = int_range(bits)
+        static = mode == "static"
+        self.register_buffer("absmax", torch.zeros(1, device=device) if static else None)
+        clip = nn.Parameter(torch.full((1,), LAC_INIT_LOGIT, device=device)) if lac else None
+        self.register_parameter("clip_factor", clip)
+
+    def set_state(self, state: QuantState) -> None:
+        """Move to ``state``; a static quantizer must be calibrated before it quantizes.
+
+        Raises:
+            RuntimeError: When entering ``FAKE_QUANT``/``FROZEN`` with no observed range.
+        """
+        if (
+            self.mode == "static"
+            and state in (QuantState.FAKE_QUANT, QuantState.FROZEN)
+            and not bool(self.absmax.max() > 0)
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}: no range observed (absmax is 0); run CALIBRATE on data that "
+                "reaches this module first (an MoE expert that saw no calibration tokens needs a fallback range)"
+            )
+        super().set_state(state)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold ``max |x|`` into the running absmax (static mode only)."""
+        if self.mode == "static" and x.numel() > 0:
+            self.absmax.copy_(torch.maximum(self.absmax, x.detach().abs().amax().float()))
+
+    def clipped_absmax(self) -> Tensor:
+        """Calibrated absmax times the learned clip, fp32 ``[1]`` (static mode)."""
+        absmax = self.absmax.float()
+        if self.lac:
+            absmax = absmax * sigmoid_clip(self._learned(self.clip_factor), LAC_INIT_LOGIT)
+        return absmax
+
+    def scale(self) -> Tensor:
+        """The static scale ``[1]`` that fake quantization uses and deploy exports."""
+        absmax = self.clipped_absmax()
+        return compute_scale_zp(-absmax, absmax, self.bits)[0]
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        if self.mode == "dynamic":
+            lo, hi = group_range(x32, per_token())
+            scale, zero_point = compute_scale_zp(lo, hi, self.bits)
+            out = fake_quantize(to_groups(x32, per_token()), scale, zero_point, self.qmin, self.qmax)
+            return from_groups(out, x.shape).to(x.dtype)
+        scale = self.scale()
+        return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax).to(x.dtype)
+
+    @torch.no_grad()
+    def _export_scale(self) -> Tensor:
+        return self.scale().detach().float().reshape(1).clone()
+
+    def get_qparams(self) -> dict[str, Tensor]:
+        """``{"input_scale": fp32 [1]}`` for static mode; empty for dynamic mode."""
+        return {"input_scale": self._export_scale()} if self.mode == "static" else {}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}, lac={self.lac}, {super().extra_repr()}"
+
+
+class KVQuantizer(ActQuantizer):
+    """Static per-tensor quantizer for a KV-cache tensor, int8 or float8-e4m3.
+
+    The scale is the calibrated absmax (times an optional learned clip) divided by
+    127 (``int8``, symmetric integer codes) or 448 (``fp8``, e4m3fn, what vLLM
+    accepts on GPU).
+
+    Args:
+        fmt: ``"int8"`` or ``"fp8"``.
+        lac: Learn the clip of the scale.
+        device: Device of the calibration buffer and clip parameter.
+
+    Raises:
+        ValueError: On an unknown format.
+    """
+
+    def __init__(self, fmt: KVFormat, lac: bool = False, device: torch.device | str | None = None) -> None:
+        if fmt not in ("int8", "fp8"):
+            raise ValueError(f"KV cache format must be 'int8' or 'fp8', got {fmt!r}")
+        super().__init__(bits=8, mode="static", lac=lac, device=device)
+        self.fmt = fmt
+
+    def scale(self) -> Tensor:
+        if self.fmt == "int8":
+            return super().scale()
+        return (self.clipped_absmax() / FP8_E4M3_MAX).clamp(min=SCALE_EPS)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        if self.fmt == "int8":
+            return super().fake_quant(x)
+        return fake_quantize_fp8(x.float(), self.scale()).to(x.dtype)
+
+    def get_qparams(self) -> dict[str, Tensor]:
+        """``{"scale": fp32 [1]}``; deploy names it ``k_scale`` / ``v_scale``."""
+        return {"scale": self._export_scale()}
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}, lac={self.lac}, state={self.state.value}"

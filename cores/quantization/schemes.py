@@ -1,0 +1,177 @@
+"""Quantization schemes: typed, validated configs registered by name.
+
+| name      | weights                      | activations | KV cache     |
+|-----------|------------------------------|-------------|--------------|
+| w8a8c16   | int8 per output channel      | int8        | bf16         |
+| w8a8c8    | int8 per output channel      | int8        | int8 or fp8  |
+| w4a8c16   | int4, groups of 128 (input)  | int8        | bf16         |
+| w4a8c8    | int4, groups of 128 (input)  | int8        | int8 or fp8  |
+
+All symmetric. Activations are static per-tensor or dynamic per-token; the KV
+format and the W4 group size are chosen in :func:`get_scheme`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cores.quantization.primitives import Granularity, per_channel, per_group, per_tensor, per_token
+from cores.quantization.quantizers import ActMode, KVFormat
+
+DEFAULT_IGNORE: tuple[str, ...] = (
+    "lm_head",
+    r"re:.*embed_tokens$",
+    r"re:.*norm$",
+    r"re:.*mlp\.gate$",
+)
+"""Modules left in high precision by default: embeddings, ``lm_head``, norms, MoE router gates."""
+
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a deployed checkpoint quantizes, and how.
+
+    Attributes:
+        name: Registry name.
+        w_bits: Weight code width (4 or 8).
+        w_granularity: ``"channel"`` (one scale per output row) or ``"group"``.
+        group_size: Input-dim group length for ``"group"``; ``None`` otherwise.
+        a_bits: Activation code width (8).
+        act_mode: ``"static"`` per-tensor input scale or ``"dynamic"`` per-token.
+        kv_bits: KV-cache width (8), or ``None`` to keep the cache in bf16.
+        kv_format: ``"int8"`` or ``"fp8"`` when ``kv_bits`` is set; ``None`` otherwise.
+    """
+
+    name: str
+    w_bits: int
+    w_granularity: Literal["channel", "group"]
+    group_size: int | None
+    a_bits: int
+    act_mode: ActMode
+    kv_bits: int | None
+    kv_format: KVFormat | None
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (4, 8):
+            raise ValueError(f"{self.name}: w_bits must be 4 or 8, got {self.w_bits}")
+        if self.w_granularity == "channel":
+            if self.group_size is not None:
+                raise ValueError(f"{self.name}: per-channel weights take no group_size, got {self.group_size}")
+        elif self.w_granularity == "group":
+            if self.group_size is None or self.group_size <= 0 or self.group_size % 8 != 0:
+                raise ValueError(
+                    f"{self.name}: group weights need a positive group_size divisible by 8, got {self.group_size}"
+                )
+        else:
+            raise ValueError(f"{self.name}: w_granularity must be 'channel' or 'group', got {self.w_granularity!r}")
+        if self.a_bits != 8:
+            raise ValueError(f"{self.name}: a_bits must be 8, got {self.a_bits}")
+        if self.act_mode not in ("static", "dynamic"):
+            raise ValueError(f"{self.name}: act_mode must be 'static' or 'dynamic', got {self.act_mode!r}")
+        if self.kv_bits is None:
+            if self.kv_format is not None:
+                raise ValueError(f"{self.name}: kv_format {self.kv_format!r} given without kv_bits")
+        elif self.kv_bits != 8 or self.kv_format not in ("int8", "fp8"):
+            raise ValueError(
+                f"{self.name}: the KV cache takes kv_bits=8 with kv_format 'int8' or 'fp8', "
+                f"got kv_bits={self.kv_bits}, kv_format={self.kv_format!r}"
+            )
+
+    @property
+    def weight_granularity(self) -> Granularity:
+        """Scale granularity of the weights."""
+        return per_channel() if self.group_size is None else per_group(self.group_size)
+
+    @property
+    def act_granularity(self) -> Granularity:
+        """Scale granularity of the activations."""
+        return per_tensor() if self.act_mode == "static" else per_token()
+
+
+_SCHEMES: dict[str, QuantScheme] = {}
+
+
+def register_scheme(scheme: QuantScheme) -> QuantScheme:
+    """Add ``scheme`` to the registry under ``scheme.name``.
+
+    Raises:
+        ValueError: When the name is taken.
+    """
+    if scheme.name in _SCHEMES:
+        raise ValueError(f"scheme {scheme.name!r} is already registered")
+    _SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def scheme_names() -> list[str]:
+    """Registered scheme names, sorted."""
+    return sorted(_SCHEMES)
+
+
+def get_scheme(
+    name: str,
+    act: ActMode = "static",
+    kv_format: KVFormat = "fp8",
+    group_size: int | None = None,
+) -> QuantScheme:
+    """Look up a registered scheme and apply the per-run choices.
+
+    Args:
+        name: Registered scheme name, e.g. ``"w4a8c8"``.
+        act: ``"static"`` (per-tensor, learnable clip) or ``"dynamic"`` (per-token).
+        kv_format: ``"int8"`` or ``"fp8"``; ignored by schemes with a bf16 cache.
+        group_size: Override the weight group size of a group scheme.
+
+    Returns:
+        The validated scheme.
+
+    Raises:
+        ValueError: On an unknown name (the message lists the valid ones), a
+            ``group_size`` for a per-channel scheme, or an invalid choice.
+    """
+    if name not in _SCHEMES:
+        raise ValueError(f"unknown quantization scheme {name!r}; valid schemes: {', '.join(scheme_names())}")
+    base = _SCHEMES[name]
+    if group_size is not None and base.w_granularity != "group":
+        raise ValueError(f"{name} quantizes weights per output channel; group_size={group_size} does not apply")
+    return replace(
+        base,
+        act_mode=act,
+        kv_format=kv_format if base.kv_bits is not None else None,
+        group_size=base.group_size if group_size is None else group_size,
+    )
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a module name matches any pattern.
+
+    A pattern starting with ``re:`` is a regular expression applied with
+    ``re.match`` (as compressed-tensors' ``ignore`` does); any other pattern is an
+    ``fnmatch`` glob on the whole name (a plain name matches only itself).
+
+    Args:
+        name: Dotted module name, relative to the module being quantized.
+        patterns: Patterns to test.
+
+    Returns:
+        True on the first match.
+    """
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+register_scheme(QuantScheme("w8a8c16", 8, "channel", None, 8, "static", None, None))
+register_scheme(QuantScheme("w8a8c8", 8, "channel", None, 8, "static", 8, "fp8"))
+register_scheme(QuantScheme("w4a8c16", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", None, None))
+register_scheme(QuantScheme("w4a8c8", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", 8, "fp8"))

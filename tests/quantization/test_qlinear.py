@@ -1,0 +1,267 @@
+"""QuantLinear states, exports and in-place replacement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cores.quantization import (
+    ActQuantizer,
+    QuantLinear,
+    QuantScheme,
+    QuantState,
+    WeightQuantizer,
+    dequantize,
+    fake_quantize,
+    get_scheme,
+    per_group,
+    quantize_linears,
+    set_quant_state,
+    to_groups,
+    unpack_int4,
+)
+
+SCHEMES = [
+    get_scheme("w8a8c8", act="static"),
+    get_scheme("w8a8c16", act="dynamic"),
+    get_scheme("w4a8c16", act="static", group_size=64),
+    get_scheme("w4a8c8", act="dynamic"),
+]
+
+
+def _linear(in_features: int = 256, out_features: int = 96, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _trained(scheme: QuantScheme, x: torch.Tensor, bias: bool = True) -> QuantLinear:
+    """A QuantLinear calibrated on ``x`` with clipping moved off its initial value."""
+    qlinear = QuantLinear.from_scheme(_linear(bias=bias).to(x.dtype), scheme)
+    qlinear.set_state(QuantState.CALIBRATE)
+    qlinear(x)
+    qlinear.set_state(QuantState.FAKE_QUANT)
+    with torch.no_grad():
+        for param in qlinear.learnable_parameters():
+            param.uniform_(1.0, 4.0)
+    return qlinear
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Attention(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.kv_b_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.q_proj(x) * torch.sigmoid(self.kv_b_proj(x)))
+
+
+class _MoE(nn.Module):
+    def __init__(self, hidden: int, n_experts: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, n_experts, bias=False)
+        self.experts = nn.ModuleList(_Expert(hidden, 2 * hidden) for _ in range(n_experts))
+        self.shared_experts = _Expert(hidden, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.gate(x), dim=-1)
+        routed = sum(weights[..., i : i + 1] * expert(x) for i, expert in enumerate(self.experts))
+        return routed + self.shared_experts(x)
+
+
+class _Block(nn.Module):
+    """A toy decoder block with the module names of the real families."""
+
+    def __init__(self, hidden: int = 64, n_experts: int = 2) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden)
+        self.self_attn = _Attention(hidden)
+        self.post_attention_layernorm = nn.LayerNorm(hidden)
+        self.mlp = _MoE(hidden, n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.name}-{s.act_mode}")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_state_equals_nn_linear(scheme: QuantScheme, bias: bool, dtype: torch.dtype) -> None:
+    linear = _linear(bias=bias).to(dtype)
+    x = torch.randn(3, 5, 256).to(dtype)
+    expected = linear(x)
+    qlinear = QuantLinear.from_scheme(linear, scheme)
+    assert qlinear.weight is linear.weight and qlinear.bias is linear.bias
+    assert torch.equal(qlinear(x), expected)
+    qlinear.set_state(QuantState.CALIBRATE)
+    assert torch.equal(qlinear(x), expected)
+
+
+def test_checkpoint_keys_still_load() -> None:
+    linear = _linear()
+    qlinear = QuantLinear.from_scheme(_linear(seed=1), get_scheme("w8a8c8"))
+    missing, unexpected = qlinear.load_state_dict(linear.state_dict(), strict=False)
+    assert unexpected == [] and all("quantizer" in key for key in missing)
+    assert torch.equal(qlinear.weight, linear.weight) and torch.equal(qlinear.bias, linear.bias)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.name}-{s.act_mode}")
+def test_fake_quant_composes_the_quantizers(scheme: QuantScheme) -> None:
+    x = torch.randn(4, 16, 256).bfloat16()
+    qlinear = _trained(scheme, x)
+    out = qlinear(x)
+    assert out.dtype is torch.bfloat16
+    weight = qlinear.weight_quantizer(qlinear.weight.float())
+    expected = F.linear(qlinear.input_quantizer(x.float()), weight, qlinear.bias.float()).bfloat16()
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, F.linear(x, qlinear.weight.bfloat16(), qlinear.bias.bfloat16()))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.name}-{s.act_mode}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_frozen_equals_fake_quant(scheme: QuantScheme, bias: bool) -> None:
+    x = torch.randn(4, 16, 256)
+    qlinear = _trained(scheme, x, bias=bias)
+    expected = qlinear(x)
+    qlinear.set_state(QuantState.FROZEN)
+    out = qlinear(x.requires_grad_())
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in qlinear.parameters())
+    qlinear.set_state(QuantState.FAKE_QUANT)
+    assert torch.equal(qlinear(x), expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.name}-{s.act_mode}")
+def test_exported_tensors_reproduce_the_trained_forward(scheme: QuantScheme) -> None:
+    """What deploy writes, dequantized as a serving engine does, gives the FAKE_QUANT output."""
+    x = torch.randn(4, 16, 256)
+    qlinear = _trained(scheme, x)
+    expected = qlinear(x)
+    qparams = qlinear.get_qparams()
+    if scheme.w_bits == 8:
+        codes = qparams["weight"]
+    else:
+        codes = unpack_int4(qparams["weight_packed"], tuple(qparams["weight_shape"].tolist()))
+    scale = qparams["weight_scale"].reshape(-1, 1)
+    weight = dequantize(to_groups(codes, scheme.weight_granularity), scale, torch.zeros_like(scale))
+    if scheme.act_mode == "static":
+        input_scale = qparams["input_scale"]
+        x_q = fake_quantize(x, input_scale, torch.zeros_like(input_scale), -128, 127)
+    else:
+        dynamic = ActQuantizer(8, "dynamic")
+        dynamic.set_state(QuantState.FROZEN)
+        x_q = dynamic(x)
+    out = F.linear(x_q, weight.reshape(qlinear.weight.shape), qlinear.bias)
+    assert torch.equal(out, expected)
+    weight_keys = (
+        {"weight", "weight_scale"} if scheme.w_bits == 8 else {"weight_packed", "weight_scale", "weight_shape"}
+    )
+    assert set(qparams) == weight_keys | ({"input_scale"} if scheme.act_mode == "static" else set())
+
+
+def test_learnable_parameters_are_only_the_clips() -> None:
+    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", group_size=64))
+    names = {name for name, p in qlinear.named_parameters() if any(p is q for q in qlinear.learnable_parameters())}
+    assert names == {
+        "weight_quantizer.upbound_factor",
+        "weight_quantizer.lowbound_factor",
+        "input_quantizer.clip_factor",
+    }
+    plain = QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8"), lwc=False, lac=False)
+    assert plain.learnable_parameters() == []
+    assert QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8", act="dynamic")).input_quantizer.lac is False
+
+
+def test_gradients_reach_lwc_and_lac_through_the_layer() -> None:
+    x = torch.randn(4, 16, 256)
+    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", group_size=64))
+    qlinear.set_state(QuantState.CALIBRATE)
+    reference = qlinear(x)
+    qlinear.set_state(QuantState.FAKE_QUANT)
+    qlinear.weight.requires_grad_(False)
+    qlinear.bias.requires_grad_(False)
+    ((qlinear(x) - reference) ** 2).mean().backward()
+    for param in qlinear.learnable_parameters():
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+
+
+def test_quant_linear_rejects_mismatched_quantizer() -> None:
+    with pytest.raises(ValueError, match="does not match weight"):
+        QuantLinear(_linear(), WeightQuantizer((8, 8), 8, per_group(8)))
+
+
+def test_quantize_linears_respects_ignore_patterns() -> None:
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(2, 8, 64)
+    expected = block(x)
+    replaced = quantize_linears(block, get_scheme("w8a8c8"))
+    assert set(replaced) == {
+        "self_attn.q_proj",
+        "self_attn.kv_b_proj",
+        "self_attn.o_proj",
+        *(
+            f"mlp.{expert}.{proj}"
+            for expert in ("experts.0", "experts.1", "shared_experts")
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        ),
+    }
+    assert type(block.mlp.gate) is nn.Linear
+    assert block.mlp.experts[1].down_proj is replaced["mlp.experts.1.down_proj"]
+    assert torch.equal(block(x), expected)
+    assert quantize_linears(block, get_scheme("w8a8c8")) == {}
+
+    other = _Block()
+    replaced = quantize_linears(other, get_scheme("w8a8c8"), ignore=[r"re:.*kv_b_proj$", "mlp.experts.*", "mlp.gate"])
+    assert set(replaced) == {
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "mlp.shared_experts.gate_proj",
+        "mlp.shared_experts.up_proj",
+        "mlp.shared_experts.down_proj",
+    }
+
+
+def test_quantize_linears_names_the_layer_when_the_group_does_not_fit() -> None:
+    block = _Block(hidden=64)
+    with pytest.raises(ValueError, match=r"'self_attn.q_proj'.*group size 128 does not divide the input dim 64"):
+        quantize_linears(block, get_scheme("w4a8c8"))
+    assert len(quantize_linears(_Block(), get_scheme("w4a8c8", group_size=32))) == 12
+
+
+def test_set_quant_state_drives_the_lifecycle() -> None:
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(2, 8, 64)
+    expected = block(x)
+    replaced = quantize_linears(block, get_scheme("w8a8c8"))
+    with pytest.raises(RuntimeError, match="no range observed"):
+        set_quant_state(block, QuantState.FAKE_QUANT)
+    set_quant_state(block, QuantState.CALIBRATE)
+    assert torch.equal(block(x), expected)
+    set_quant_state(block, QuantState.FAKE_QUANT)
+    for qlinear in replaced.values():
+        assert qlinear.state is qlinear.input_quantizer.state is QuantState.FAKE_QUANT
+    fake = block(x)
+    assert not torch.equal(fake, expected) and (fake - expected).abs().max() < 0.1
+    set_quant_state(block, QuantState.FROZEN)
+    assert torch.equal(block(x), fake)
+    set_quant_state(block, QuantState.FLOAT)
+    assert torch.equal(block(x), expected)
+    assert all(q._frozen_codes is None for q in replaced.values())

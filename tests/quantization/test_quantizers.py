@@ -1,0 +1,267 @@
+"""Quantizer modules: LWC / LAC exactness at init, gradients, exports, states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.naive_quantized import NaiveQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+from cores.quantization import (
+    FP8_E4M3_MAX,
+    ActQuantizer,
+    Granularity,
+    KVQuantizer,
+    QuantState,
+    WeightQuantizer,
+    compute_scale_zp,
+    fake_quantize,
+    fake_quantize_fp8,
+    from_groups,
+    group_range,
+    int_range,
+    per_channel,
+    per_group,
+    sqnr_db,
+    to_groups,
+)
+
+WEIGHT_CASES = [(8, per_channel()), (4, per_group(64)), (4, per_group(128)), (8, per_group(32))]
+
+
+def _weight_quantizer(weight: torch.Tensor, bits: int, granularity: Granularity, lwc: bool) -> WeightQuantizer:
+    quantizer = WeightQuantizer(weight.shape, bits, granularity, lwc=lwc)
+    quantizer.set_state(QuantState.FAKE_QUANT)
+    return quantizer
+
+
+def _reference_rtn(weight: torch.Tensor, bits: int, granularity: Granularity) -> torch.Tensor:
+    w32 = weight.float()
+    scale, zp = compute_scale_zp(*group_range(w32, granularity), bits)
+    out = fake_quantize(to_groups(w32, granularity), scale, zp, *int_range(bits))
+    return from_groups(out, weight.shape).to(weight.dtype)
+
+
+def _calibrated(quantizer: ActQuantizer, *batches: torch.Tensor) -> ActQuantizer:
+    quantizer.set_state(QuantState.CALIBRATE)
+    for batch in batches:
+        assert quantizer(batch) is batch
+    quantizer.set_state(QuantState.FAKE_QUANT)
+    return quantizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES, ids=lambda c: str(c))
+def test_lwc_at_init_equals_rtn_exactly(bits: int, granularity: Granularity, seed: int, dtype: torch.dtype) -> None:
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    lwc = _weight_quantizer(weight, bits, granularity, lwc=True)
+    rtn = _weight_quantizer(weight, bits, granularity, lwc=False)
+    out = lwc(weight)
+    assert out.dtype is dtype
+    assert torch.equal(out, rtn(weight))
+    assert torch.equal(out, _reference_rtn(weight, bits, granularity))
+    for a, b in zip(lwc.quantize_weight(weight), rtn.quantize_weight(weight), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES, ids=lambda c: str(c))
+def test_lwc_gradients_reach_both_bounds(bits: int, granularity: Granularity) -> None:
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    quantizer = _weight_quantizer(weight, bits, granularity, lwc=True)
+    assert quantizer.upbound_factor.shape == quantizer.lowbound_factor.shape
+    assert quantizer.upbound_factor.shape[0] == to_groups(weight, granularity).shape[0]
+    ((quantizer(weight) - weight) ** 2).mean().backward()
+    up, low = quantizer.upbound_factor.grad, quantizer.lowbound_factor.grad
+    assert torch.isfinite(up).all() and torch.isfinite(low).all()
+    assert up.abs().sum() > 0 and low.abs().sum() > 0
+    # The symmetric scale follows the larger bound, so every row trains one of them.
+    assert torch.all((up.abs() + low.abs()) > 0)
+
+
+def test_lwc_training_lowers_weight_error() -> None:
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    quantizer = _weight_quantizer(weight, 4, per_group(64), lwc=True)
+    optimizer = torch.optim.Adam(quantizer.learnable_parameters(), lr=0.05)
+    losses = []
+    for _ in range(40):
+        loss = ((quantizer(weight) - weight) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0]
+
+
+@pytest.mark.parametrize(("bits", "granularity", "floor"), [(8, per_channel(), 35.0), (4, per_group(128), 15.0)])
+def test_rtn_sqnr_floor_on_gaussian_weight(bits: int, granularity: Granularity, floor: float) -> None:
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+    assert sqnr_db(weight, _weight_quantizer(weight, bits, granularity, lwc=True)(weight)) > floor
+
+
+@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES, ids=lambda c: str(c))
+def test_quantize_weight_codes_and_scales(bits: int, granularity: Granularity) -> None:
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    quantizer = _weight_quantizer(weight, bits, granularity, lwc=True)
+    with torch.no_grad():
+        quantizer.upbound_factor.fill_(1.0)
+    codes, scale = quantizer.quantize_weight(weight)
+    qmin, qmax = int_range(bits)
+    assert codes.dtype is torch.int8 and codes.shape == weight.shape
+    assert codes.min() >= qmin and codes.max() <= qmax
+    n_cols = 1 if granularity == per_channel() else 256 // granularity.group_size
+    assert scale.dtype is torch.float32 and scale.shape == (48, n_cols)
+    assert torch.equal(quantizer.dequantize_weight(codes, scale), quantizer(weight.float()))
+
+
+def test_weight_export_matches_compressed_tensors_w8() -> None:
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    quantizer = _weight_quantizer(weight, 8, per_channel(), lwc=True)
+    with torch.no_grad():
+        quantizer.upbound_factor.uniform_(1.0, 3.0)
+        quantizer.lowbound_factor.uniform_(1.0, 3.0)
+    qparams = quantizer.get_qparams(weight)
+    assert set(qparams) == {"weight", "weight_scale"}
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel", symmetric=True)
+    )
+    to_compress = {"weight": weight, "weight_scale": qparams["weight_scale"]}
+    compressed = NaiveQuantizationCompressor.compress(to_compress, scheme)
+    assert torch.equal(compressed["weight"], qparams["weight"])
+    restored = NaiveQuantizationCompressor.decompress(dict(qparams), scheme)["weight"]
+    assert torch.equal(restored, quantizer(weight))
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_weight_export_matches_compressed_tensors_w4(group_size: int) -> None:
+    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(5))
+    quantizer = _weight_quantizer(weight, 4, per_group(group_size), lwc=True)
+    with torch.no_grad():
+        quantizer.upbound_factor.uniform_(0.5, 3.0)
+    qparams = quantizer.get_qparams(weight)
+    assert set(qparams) == {"weight_packed", "weight_scale", "weight_shape"}
+    assert qparams["weight_packed"].shape == (64, 512 // 8)
+    assert qparams["weight_scale"].shape == (64, 512 // group_size)
+    assert qparams["weight_shape"].tolist() == [64, 512]
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, strategy="group", group_size=group_size, symmetric=True),
+    )
+    to_compress = {"weight": weight, "weight_scale": qparams["weight_scale"]}
+    compressed = PackedQuantizationCompressor.compress(to_compress, scheme)
+    assert torch.equal(compressed["weight_packed"], qparams["weight_packed"])
+    restored = PackedQuantizationCompressor.decompress(dict(qparams), scheme)["weight"]
+    assert torch.equal(restored, quantizer(weight))
+
+
+def test_weight_quantizer_errors() -> None:
+    with pytest.raises(ValueError, match="group size 128 does not divide the input dim 576"):
+        WeightQuantizer((1536, 576), 4, per_group(128), lwc=True)
+    quantizer = _weight_quantizer(torch.zeros(8, 64), 8, per_channel(), lwc=False)
+    with pytest.raises(ValueError, match="does not match quantizer shape"):
+        quantizer(torch.zeros(8, 32))
+    with pytest.raises(ValueError, match="no deployed format"):
+        WeightQuantizer((8, 64), 6, per_channel()).get_qparams(torch.zeros(8, 64))
+
+
+def test_float_and_calibrate_states_are_identity() -> None:
+    weight = torch.randn(8, 64)
+    quantizer = WeightQuantizer(weight.shape, 4, per_group(32), lwc=True)
+    assert quantizer(weight) is weight
+    quantizer.set_state(QuantState.CALIBRATE)
+    assert quantizer(weight) is weight
+
+
+def test_frozen_weight_quantizer_gives_no_gradient_to_bounds() -> None:
+    weight = torch.randn(16, 64)
+    quantizer = _weight_quantizer(weight, 4, per_group(32), lwc=True)
+    expected = quantizer(weight)
+    quantizer.set_state(QuantState.FROZEN)
+    out = quantizer(weight)
+    assert torch.equal(out, expected) and not out.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_act_quant_is_per_token(dtype: torch.dtype) -> None:
+    x = (torch.randn(2, 16, 64) * torch.logspace(-2, 1, 16)[:, None]).to(dtype)
+    quantizer = ActQuantizer(8, "dynamic")
+    quantizer.set_state(QuantState.FAKE_QUANT)
+    out = quantizer(x)
+    assert out.dtype is dtype and out.shape == x.shape
+    x32 = x.float()
+    row_scale = x32.abs().amax(dim=-1, keepdim=True) / 127
+    assert torch.all((out.float() - x32).abs() <= row_scale / 2 * (1 + 1e-5) + x32.abs() * 2**-8)
+    assert quantizer.get_qparams() == {} and quantizer.learnable_parameters() == []
+    with pytest.raises(ValueError, match="needs a static scale"):
+        ActQuantizer(8, "dynamic", lac=True)
+    with pytest.raises(ValueError, match="'static' or 'dynamic'"):
+        ActQuantizer(8, "per_token")  # type: ignore[arg-type]
+
+
+def test_static_act_calibration_is_a_running_absmax() -> None:
+    quantizer = ActQuantizer(8, "static", lac=True)
+    with pytest.raises(RuntimeError, match="no range observed"):
+        quantizer.set_state(QuantState.FAKE_QUANT)
+    batches = [torch.randn(4, 32) * s for s in (1.0, 5.0, 2.0)]
+    _calibrated(quantizer, *batches, torch.empty(0, 32))
+    assert torch.equal(quantizer.absmax, torch.cat(batches).abs().amax().reshape(1))
+
+
+@pytest.mark.parametrize("lac", [False, True])
+def test_static_input_scale_export_is_the_scale_fake_quant_uses(lac: bool) -> None:
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
+    quantizer = _calibrated(ActQuantizer(8, "static", lac=lac), x)
+    exported = quantizer.get_qparams()["input_scale"]
+    assert exported.shape == (1,) and exported.dtype is torch.float32
+    assert torch.equal(exported, x.abs().amax().reshape(1) / 127)
+    if lac:
+        with torch.no_grad():
+            quantizer.clip_factor.fill_(0.5)
+        exported = quantizer.get_qparams()["input_scale"]
+        assert exported < x.abs().amax() / 127
+    expected = fake_quantize(x, exported, torch.zeros(1), -128, 127)
+    assert torch.equal(quantizer(x), expected)
+    quantizer.set_state(QuantState.FROZEN)
+    assert torch.equal(quantizer(x), expected)
+    assert torch.equal(quantizer.get_qparams()["input_scale"], exported)
+
+
+def test_lac_gradient_reaches_clip() -> None:
+    calib = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    calib[0, 0] = 40.0
+    quantizer = _calibrated(ActQuantizer(8, "static", lac=True), calib)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    ((quantizer(x) - x) ** 2).mean().backward()
+    grad = quantizer.clip_factor.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    quantizer.clip_factor.grad = None
+    quantizer.set_state(QuantState.FROZEN)
+    out = quantizer(x.requires_grad_())
+    out.sum().backward()
+    assert quantizer.clip_factor.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("lac", [False, True])
+def test_kv_quantizer(fmt: str, lac: bool) -> None:
+    cache = torch.randn(2, 4, 32, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    quantizer = _calibrated(KVQuantizer(fmt, lac=lac), cache)
+    absmax = cache.float().abs().amax().reshape(1)
+    scale = quantizer.get_qparams()["scale"]
+    assert scale.shape == (1,) and scale.dtype is torch.float32
+    assert torch.equal(scale, absmax / (FP8_E4M3_MAX if fmt == "fp8" else 127))
+    out = quantizer(cache)
+    assert out.dtype is torch.bfloat16 and torch.isfinite(out).all()
+    assert sqnr_db(cache.float(), out.float()) > (25 if fmt == "fp8" else 35)
+    if fmt == "fp8":
+        assert torch.equal(out, fake_quantize_fp8(cache.float(), scale).bfloat16())
+    if lac:
+        x = cache.float()
+        ((quantizer(x) - x) ** 2).mean().backward()
+        assert torch.isfinite(quantizer.clip_factor.grad).all() and quantizer.clip_factor.grad.abs().sum() > 0
+
+
+def test_kv_quantizer_rejects_unknown_format() -> None:
+    with pytest.raises(ValueError, match="'int8' or 'fp8'"):
+        KVQuantizer("int4")  # type: ignore[arg-type]
