@@ -92,6 +92,9 @@ class GQAAttention(nn.Module):
     is put in their place.
     """
 
+    # linears that read the same input: engines fuse them and share one input scale
+    shared_input_groups = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(
         self,
         hidden_size: int,
@@ -138,6 +141,8 @@ class GQAAttention(nn.Module):
 
 class SwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``."""
+
+    shared_input_groups = (("gate_proj", "up_proj"),)
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()

@@ -168,12 +168,22 @@ class StreamingModel:
         self.dtype = resolve_dtype(dtype, self.device)
         self.num_blocks: int = self.config.num_hidden_layers
         self.hidden_size: int = self.config.hidden_size
+        qcfg = self.reader.config.get("quantization_config") or {}
+        self.deployed = qcfg.get("quant_method") == "compressed-tensors"
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
 
     def load_block(self, idx: int) -> nn.Module:
-        """Build block ``idx`` on the meta device and fill it with its checkpoint tensors."""
+        """Build block ``idx`` on the meta device and fill it with its checkpoint tensors.
+
+        A deployed (compressed-tensors) checkpoint gives the frozen quantized block
+        that its tensors describe.
+        """
+        if self.deployed:
+            from ..deploy.loader import load_deployed_block
+
+            return load_deployed_block(self, idx)
         with torch.device("meta"):
             block = self.family.build_block(self.config, idx)
         prefix = self.family.block_prefix(idx)

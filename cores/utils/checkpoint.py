@@ -8,6 +8,7 @@ dequantized to bf16 on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable
@@ -179,3 +180,26 @@ class CheckpointReader:
         if not keys:
             raise CheckpointError(f"no tensor named {prefix}* in {self.model_dir}")
         return {k[len(prefix):]: v for k, v in self.read(keys).items()}
+
+
+# config fields that change between a checkpoint and its FP8 / BF16 / quantized twins
+_NON_ARCH_KEYS = {"quantization_config", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                  "architectures", "use_cache", "compression_config"}
+
+
+def model_fingerprint(reader: CheckpointReader) -> str:
+    """A short hash that identifies a model independently of its storage precision.
+
+    Combines the architecture fields of ``config.json`` with the bytes of the first
+    rows of the token embedding (kept in bf16 by FP8 checkpoints too), so a dump or
+    param dir made from one model is told apart from another model of the same
+    architecture, but an FP8 checkpoint and its BF16 dequantization match.
+    """
+    arch = {k: v for k, v in reader.config.items() if k not in _NON_ARCH_KEYS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    embed_keys = [k for k in reader.keys if k.endswith("embed_tokens.weight")]
+    if embed_keys:
+        with reader._open(reader.weight_map[embed_keys[0]]) as f:
+            rows = f.get_slice(embed_keys[0])[:16]
+        digest.update(rows.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

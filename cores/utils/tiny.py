@@ -117,3 +117,18 @@ def fp8_twins(src_dir: str | Path, fp8_dir: str | Path, bf16_dir: str | Path) ->
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return fp8_dir, bf16_dir
+
+
+def save_tiny_tokenizer(model_dir: str | Path, text: str, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer of ``vocab_size`` on ``text`` and save it beside the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", model_max_length=1 << 20)
+    fast.save_pretrained(model_dir)

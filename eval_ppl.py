@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Perplexity of a model folder on Wikitext-2 or any local text, streamed block by block.
+
+Example:
+    python eval_ppl.py --model assets/smollm2-135m --dataset assets/corpus/eval.txt \
+        --seq_len 2048 --output_json outputs/ppl_bf16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cores.calibrator.params import ParamDirError
+from cores.models import UnsupportedModelError
+from cores.utils.checkpoint import CheckpointError
+from cores.utils.data import DatasetNotFoundError
+from cores.utils.logging import setup_logging
+from cores.utils.perplexity import PplConfig, evaluate_ppl, write_result
+
+log = logging.getLogger("eval_ppl")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face model folder (bf16 or FP8)")
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt / .parquet file or a folder")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--seq_len", type=int, default=2048, help="window length in tokens (default: 2048)")
+    p.add_argument("--output_json", help="write the result here as JSON")
+    p.add_argument("--dev", default="cpu", help="cpu or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--batch_size", type=int, default=1, help="windows per forward (default: 1)")
+    p.add_argument("--max_windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--offload_dir", help="keep hidden states in a file here instead of RAM")
+    p.add_argument("--param_dir", help="evaluate the fake-quantized model with params from main.py")
+    a = p.parse_args(argv)
+    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len, device=a.dev,
+                     dtype=a.dtype, batch_size=a.batch_size, max_windows=a.max_windows,
+                     offload_dir=a.offload_dir, param_dir=a.param_dir), a.output_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg, output_json = parse_args(argv)
+    try:
+        result = evaluate_ppl(cfg)
+    except (CheckpointError, UnsupportedModelError, DatasetNotFoundError, ParamDirError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    what = f"fake-quant ({cfg.param_dir})" if cfg.param_dir else "float"
+    print(f"{what} ppl {result.ppl:.4f} | {result.tokens} tokens in {result.windows} windows of {result.seq_len} | "
+          f"{result.tokens_per_s:.1f} tokens/s | {result.dtype} on {result.device}")
+    if output_json:
+        write_result(result, output_json)
+        log.info("wrote %s", output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

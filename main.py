@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Learn block-wise quantization parameters from a calibration dump.
+
+Each block in [--start_block_idx, --end_block_idx) trains on its own: input = dumped
+FP input of block i, target = dumped FP input of block i+1. Rerunning skips
+finished blocks. Example:
+
+    python main.py --model assets/smollm2-135m --data_dir outputs/calib \
+        --output_dir outputs/params_w8a8c8 --scheme w8a8c8 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cores.calibrator.dump import DumpError
+from cores.calibrator.params import ParamDirError
+from cores.calibrator.trainer import TrainConfig, run_training, summarize
+from cores.models import UnsupportedModelError
+from cores.quantization import scheme_names
+from cores.utils.checkpoint import CheckpointError
+from cores.utils.config import build_config, parse_device
+from cores.utils.logging import setup_logging
+
+log = logging.getLogger("main")
+
+
+def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) -> str | None:
+    """The seed's ``--w_bits/--a_bits/--cls`` spelling as a scheme name."""
+    if w_bits is None and cls is None:
+        return None
+    if a_bits not in (None, 8):
+        raise ValueError(f"--a_bits {a_bits}: only 8-bit activations are supported")
+    if cls not in (None, "c8", "bf16"):
+        raise ValueError(f"--cls must be c8 or bf16, got {cls!r}")
+    return f"w{w_bits or 8}a8{'c8' if cls == 'c8' else 'c16'}"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
+    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    p.add_argument("--model", help="FP model folder (bf16 or FP8)")
+    p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
+    p.add_argument("--output_dir", help="param dir to write")
+    p.add_argument("--scheme", choices=scheme_names(), help="quantization scheme (default w8a8c8)")
+    p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default static)")
+    p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default fp8)")
+    p.add_argument("--group_size", type=int, help="W4 group size along the input dim (default 128)")
+    p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
+    p.add_argument("--lac", action=argparse.BooleanOptionalAction,
+                   help="learn activation / KV clipping (default on)")
+    p.add_argument("--epochs", "--epoch", dest="epochs", type=int, help="epochs per block (default 5)")
+    p.add_argument("--lr", "--base_lr", dest="lr", type=float, help="learning rate (default 1e-2)")
+    p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=int, help="samples per step (default 1)")
+    p.add_argument("--start_block_idx", type=int, help="first block (default 0)")
+    p.add_argument("--end_block_idx", type=int, help="one past the last block (default: all)")
+    p.add_argument("--train_mode", choices=["block"], help="what trains jointly (default block)")
+    p.add_argument("--rtn", action="store_true", default=None, help="round-to-nearest params, no training")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="inputs = outputs of the quantized blocks before (slower, compensates error)")
+    p.add_argument("--dev", help="cpu, cuda:N, or N (default cpu)")
+    p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
+    seed = p.add_argument_group("seed spellings", "accepted for compatibility; they map onto --scheme")
+    seed.add_argument("--w_bits", type=int, choices=[4, 8])
+    seed.add_argument("--a_bits", type=int)
+    seed.add_argument("--cls", choices=["c8", "bf16"], help="c8: 8-bit KV cache, bf16: none")
+    for name in ("--q_bits", "--k_bits", "--v_bits"):
+        seed.add_argument(name, type=int, choices=[8], help="KV bits are set by --cls")
+    a = p.parse_args(argv)
+    from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
+    if from_bits and a.scheme and from_bits != a.scheme:
+        p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
+    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "kv_format", "group_size", "lwc",
+                                        "lac", "epochs", "lr", "weight_decay", "batch_size", "start_block_idx",
+                                        "end_block_idx", "train_mode", "rtn", "sequential", "seed")}
+    flags.update(scheme=a.scheme or from_bits, device=parse_device(a.dev))
+    cfg = build_config(TrainConfig, a.config, flags)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg, _ = parse_args(argv)
+        params = run_training(cfg)
+    except (CheckpointError, UnsupportedModelError, DumpError, ParamDirError, ValueError, FileNotFoundError,
+            FloatingPointError) as err:
+        log.error("%s", err)
+        return 2
+    print(summarize(params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Dump -> train -> fake-quant eval on a tiny model: resumability, refusals, and learned <= RTN."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import eval_ppl
+import extract_calib_data
+import main as main_cli
+from cores.calibrator.dump import DumpError, DumpManifest, HiddenDump, boundary_path
+from cores.calibrator.extract import ExtractConfig, extract_calibration
+from cores.calibrator.params import ParamDir, ParamDirError
+from cores.calibrator.trainer import TrainConfig, run_training
+from cores.models.streaming import StreamingModel
+from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
+
+TEXT = " ".join(
+    f"The {a} {b} of the {c} was {d} in the year {y}." for a in ("old", "young", "quiet", "bright", "lost")
+    for b in ("king", "queen", "river", "city", "song") for c in ("north", "south", "sea", "hill")
+    for d in ("seen", "heard", "sung", "kept") for y in (1600, 1623)
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    # init std 0.2: block outputs move far enough from the residual for quantization error to dominate
+    model = make_tiny_checkpoint(root / "model", "qwen3", num_hidden_layers=3, vocab_size=300, initializer_range=0.2)
+    save_tiny_tokenizer(model, TEXT, 300)
+    text = root / "train.txt"
+    text.write_text(TEXT)
+    dump = root / "dump"
+    extract_calibration(ExtractConfig(model=str(model), output_dir=str(dump), dataset=str(text), n_samples=6,
+                                      seq_len=32, batch_size=2))
+    return model, text, dump
+
+
+def test_dump_layout(tiny):
+    model, _, dump = tiny
+    manifest = DumpManifest.load(dump)
+    assert manifest.num_blocks == 3 and manifest.n_samples == 6
+    for i in range(4):
+        d = HiddenDump(boundary_path(dump, i))
+        assert d.shape == (6, 32, 64) and d.read(0, 6).dtype == torch.bfloat16
+    assert not list(dump.glob(".*tmp"))
+
+
+def test_dump_resume_equals_uninterrupted(tiny, tmp_path):
+    model, text, dump = tiny
+    cfg = ExtractConfig(model=str(model), output_dir=str(tmp_path / "d"), dataset=str(text), n_samples=6,
+                        seq_len=32, batch_size=2)
+    extract_calibration(cfg)
+    for i in (2, 3):  # as if killed after boundary 1
+        boundary_path(cfg.output_dir, i).unlink()
+    extract_calibration(cfg)
+    for i in range(4):
+        assert torch.equal(HiddenDump(boundary_path(cfg.output_dir, i)).read(0, 6),
+                           HiddenDump(boundary_path(dump, i)).read(0, 6))
+
+
+def test_dump_refuses_other_settings(tiny):
+    model, text, dump = tiny
+    with pytest.raises(DumpError, match="n_samples: 6 != 7"):
+        extract_calibration(ExtractConfig(model=str(model), output_dir=str(dump), dataset=str(text), n_samples=7,
+                                          seq_len=32))
+
+
+def test_dump_refuses_when_disk_is_short(tiny, tmp_path, monkeypatch):
+    model, text, _ = tiny
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(DumpError, match="GiB free but the dump needs"):
+        extract_calibration(ExtractConfig(model=str(model), output_dir=str(tmp_path / "d"), dataset=str(text),
+                                          n_samples=6, seq_len=32))
+
+
+@pytest.mark.parametrize("scheme,act", [("w8a8c8", "static"), ("w4a8c16", "dynamic"), ("w4a8c8", "static")])
+def test_learned_beats_rtn_and_eval_uses_params(tiny, tmp_path, scheme, act):
+    model, text, dump = tiny
+    common = dict(model=str(model), data_dir=str(dump), scheme=scheme, act=act, kv_format="int8",
+                  group_size=32 if scheme.startswith("w4") else None)
+    rtn = run_training(TrainConfig(output_dir=str(tmp_path / "rtn"), rtn=True, **common))
+    learned = run_training(TrainConfig(output_dir=str(tmp_path / "lrn"), epochs=4, lr=5e-2, **common))
+    r_rtn, r_lrn = rtn.records(), learned.records()
+    assert len(r_lrn) == 3
+    for a, b in zip(r_rtn, r_lrn):
+        assert b["loss_rtn"] == pytest.approx(a["loss_rtn"])
+        assert b["loss_learned"] <= b["loss_rtn"]
+    assert sum(r["loss_learned"] < r["loss_rtn"] for r in r_lrn) >= 2
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    fp_model = StreamingModel(model, dtype="float32")
+    nll_fp = fp_model.sequence_nll(ids)[0]
+    nll_rtn = fp_model.sequence_nll(ids, block_transform=rtn.block_transform(3))[0]
+    assert nll_rtn != nll_fp  # the params are really applied
+    assert math.isfinite(nll_rtn)
+
+
+def test_rerun_skips_done_blocks_and_refuses_other_runs(tiny, tmp_path):
+    model, _, dump = tiny
+    cfg = TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "p"), scheme="w8a8c16",
+                      epochs=1, start_block_idx=1, end_block_idx=2)
+    params = run_training(cfg)
+    assert params.done_blocks() == [1]
+    stamp = params.record_path(1).stat().st_mtime_ns
+    run_training(TrainConfig(**{**cfg.__dict__, "start_block_idx": 0, "end_block_idx": None}))
+    assert params.done_blocks() == [0, 1, 2] and params.record_path(1).stat().st_mtime_ns == stamp
+    with pytest.raises(ParamDirError, match="scheme"):
+        run_training(TrainConfig(**{**cfg.__dict__, "scheme": "w8a8c8"}))
+
+
+def test_sequential_mode_trains_every_block(tiny, tmp_path):
+    model, _, dump = tiny
+    params = run_training(TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "s"),
+                                      scheme="w8a8c16", epochs=1, sequential=True))
+    assert params.done_blocks() == [0, 1, 2]
+    assert all(r["sequential"] for r in params.records())
+
+
+def test_nan_activations_are_named(tiny, tmp_path):
+    model, _, dump = tiny
+    import shutil
+
+    bad = tmp_path / "dump"
+    shutil.copytree(dump, bad)
+    from safetensors.torch import load_file, save_file
+
+    x = load_file(boundary_path(bad, 1))["hidden"]
+    x[2, 5, 7] = float("nan")
+    save_file({"hidden": x}, str(boundary_path(bad, 1)))
+    with pytest.raises(DumpError, match="hidden_001.safetensors holds NaN"):
+        run_training(TrainConfig(model=str(model), data_dir=str(bad), output_dir=str(tmp_path / "p"), epochs=1,
+                                 start_block_idx=1, end_block_idx=2))
+
+
+def test_cli_seed_spellings_and_eval(tiny, tmp_path, capsys):
+    model, text, dump = tiny
+    out = tmp_path / "p"
+    assert main_cli.main(["--model", str(model), "--data_dir", str(dump), "--output_dir", str(out),
+                          "--w_bits", "8", "--a_bits", "8", "--cls", "c8", "--epoch", "1", "--base_lr", "1e-2",
+                          "--cali_bsz", "2", "--lwc", "--lac", "--dev", "cpu", "--kv_format", "int8"]) == 0
+    identity = ParamDir(out).identity()
+    assert identity["scheme"]["name"] == "w8a8c8" and identity["scheme"]["kv_format"] == "int8"
+    assert json.loads(ParamDir(out).record_path(0).read_text())["batch_size"] == 2
+    result = tmp_path / "ppl.json"
+    assert eval_ppl.main(["--model", str(model), "--dataset", str(text), "--seq_len", "32", "--param_dir",
+                          str(out), "--output_json", str(result)]) == 0
+    assert json.loads(result.read_text())["param_dir"] == str(out)
+    assert "fake-quant" in capsys.readouterr().out
+
+
+def test_cli_yaml_config_and_errors(tiny, tmp_path):
+    model, _, dump = tiny
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("scheme: w4a8c16\ngroup_size: 32\nepochs: 0\nlr: 0.02\n")
+    out = tmp_path / "p"
+    assert main_cli.main(["--config", str(cfg), "--model", str(model), "--data_dir", str(dump),
+                          "--output_dir", str(out), "--end_block_idx", "1"]) == 0
+    assert ParamDir(out).identity()["scheme"]["group_size"] == 32
+    cfg.write_text("schem: w4a8c16\n")
+    assert main_cli.main(["--config", str(cfg), "--model", str(model), "--data_dir", str(dump),
+                          "--output_dir", str(out)]) == 2
+    assert main_cli.main(["--model", str(model), "--data_dir", str(tmp_path), "--output_dir", str(out)]) == 2
+    assert extract_calib_data.main(["--model", str(model), "--output_dir", str(tmp_path / "x"),
+                                    "--dataset", str(tmp_path / "nope.txt")]) == 2
