@@ -22,6 +22,9 @@ class ModelFamily:
             the checkpoint names under ``block_prefix``; its forward takes
             ``(hidden, cos, sin)`` and returns the block output.
         head_dim: ``config -> int``, the rotary dimension.
+        fp32_suffixes: parameter-name suffixes kept in fp32 whatever the compute
+            dtype (router correction biases and scores whose near-ties decide a
+            selection, as the reference implementations keep them).
     """
 
     model_type: str
@@ -31,6 +34,7 @@ class ModelFamily:
     norm_key: str = "model.norm.weight"
     lm_head_key: str = "lm_head.weight"
     layer_prefix: str = "model.layers."
+    fp32_suffixes: tuple[str, ...] = ()
 
     def block_prefix(self, idx: int) -> str:
         return f"{self.layer_prefix}{idx}."

@@ -205,7 +205,11 @@ class StreamingModel:
                     f"{prefix + name} in {self.reader.model_dir} has shape {tuple(tensor.shape)} but config.json "
                     f"implies {tuple(expected[name].shape)}: the weights and config.json do not belong together"
                 )
-        block.load_state_dict({k: self._to_device(v) for k, v in state.items()}, assign=True)
+        keep = self.family.fp32_suffixes
+        block.load_state_dict(
+            {k: v.to(self.device, torch.float32 if keep and k.endswith(keep) else self.dtype) for k, v in state.items()},
+            assign=True,
+        )
         return block.eval().requires_grad_(False)
 
     def _read_one(self, key: str) -> torch.Tensor:

@@ -32,6 +32,23 @@ TINY_FAMILY_OVERRIDES: dict[str, dict] = {
     "llama": dict(attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "qwen3": dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "deepseek_v3": dict(
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        rope_interleave=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "deepseek_v32": dict(
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        index_n_heads=8, index_head_dim=16, index_topk=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "qwen3_moe": dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
 }
 
 
