@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_mib  # noqa: E402
 
 from cores.models.streaming import StreamingModel  # noqa: E402
 from cores.utils.assets import ensure_assets  # noqa: E402
@@ -45,15 +45,6 @@ with torch.no_grad():
     nll = sum(float(model(w[None], labels=w[None]).loss) for w in ids) / len(ids)
 print(math.exp(nll))
 """
-
-
-def peak_rss_mib(cmd: list[str]) -> float:
-    """Run ``cmd`` and return its peak resident set size (MiB) from ``wait4``."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024
 
 
 def memory_bench(layers: int, assets, work: Path) -> None:

@@ -1,0 +1,240 @@
+"""One deploy: options, the scheme and its params, export, verification, commit.
+
+Without a param dir the weights are rounded to nearest (absmax per channel or
+group) and activations are quantized dynamically per token: static input scales
+and KV-cache scales must be calibrated, which ``main.py --rtn`` does in a minute
+without training; deploy then takes its ``--param_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..calibrator.params import ParamDir
+from ..calibrator.quant_block import load_quant_state, quantize_block
+from ..models.streaming import BlockTransform, StreamingModel
+from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names
+from ..utils.checkpoint import CheckpointReader, model_fingerprint
+from ..utils.io import atomic_write_text
+from .export import export_quantized, plan_linears
+from .format import quantization_config
+from .fp8 import bf16_config, export_bf16, fp8_weights
+from .verify import BANDS, log_table, summary, verify_copies, verify_quantized
+from .writer import REPORT_NAME, DeployError, StagedOutput, parse_size
+
+log = logging.getLogger(__name__)
+
+BF16 = "bfloat16"
+
+
+def quant_types() -> list[str]:
+    """Every ``--quant_type``: ``bfloat16`` and the registered schemes."""
+    return [BF16, *scheme_names()]
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Settings of one ``deploy.py`` run.
+
+    Attributes:
+        input_weight_path: FP model folder (bf16 or FP8).
+        output_weight_path: Folder to create.
+        quant_type: ``bfloat16`` or a scheme name (``w8a8c8`` ...).
+        param_dir: Learned params from ``main.py``; None deploys round-to-nearest.
+        act: ``static`` or ``dynamic``; with a param dir it must agree with it,
+            without one it defaults to ``dynamic`` (static needs calibration).
+        kv_format: ``int8`` or ``fp8`` for C8 schemes (checked against the param dir).
+        group_size: W4 group size (checked against the param dir).
+        overwrite: Replace an existing output folder.
+        verify_samples: Verify this many quantized tensors, drawn at random (None: all).
+        max_shard_size: Output shard limit, e.g. ``5GB``.
+        seed: Sampling seed of the verification.
+    """
+
+    input_weight_path: str
+    output_weight_path: str
+    quant_type: str
+    param_dir: str | None = None
+    act: str | None = None
+    kv_format: str | None = None
+    group_size: int | None = None
+    overwrite: bool = False
+    verify_samples: int | None = None
+    max_shard_size: str = "5GB"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.quant_type not in quant_types():
+            raise DeployError(f"unknown quant_type {self.quant_type!r}; valid: {', '.join(quant_types())}")
+        if self.quant_type == BF16:
+            given = [k for k in ("param_dir", "act", "kv_format", "group_size") if getattr(self, k) is not None]
+            if given:
+                raise DeployError(f"bfloat16 dequantizes an FP8 checkpoint and takes no {', '.join(given)}")
+        if self.verify_samples is not None and self.verify_samples < 1:
+            raise DeployError(f"verify_samples must be positive, got {self.verify_samples}")
+        if Path(self.input_weight_path).resolve() == Path(self.output_weight_path).resolve():
+            raise DeployError("the output folder must differ from the input folder")
+        parse_size(self.max_shard_size)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a deploy wrote.
+
+    Attributes:
+        output: The final folder.
+        quant_type: ``bfloat16`` or the scheme name.
+        shards: Number of safetensors files.
+        input_bytes: Size of the source safetensors.
+        output_bytes: Size of the written safetensors.
+        seconds: Wall time.
+        verify: The verification summary (:func:`cores.deploy.verify.summary`).
+    """
+
+    output: Path
+    quant_type: str
+    shards: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    verify: dict
+
+    def line(self) -> str:
+        v = self.verify
+        return (f"deployed {self.quant_type} to {self.output}: {self.shards} shard(s), "
+                f"{_size(self.output_bytes)} from {_size(self.input_bytes)}, "
+                f"verify {v['GOOD']} GOOD / {v['WARN']} WARN / {v['FAIL']} FAIL of {v['checked']} tensors, "
+                f"{self.seconds:.1f} s")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantScheme, list[str], BlockTransform, dict]:
+    """The scheme, ignore patterns, quantizing transform and param identity of a quantized deploy.
+
+    The transform swaps the quantizers in and loads their learned state, exactly
+    as :meth:`ParamDir.block_transform` does for the fake-quant evaluation, but
+    does not freeze: ``get_qparams()`` quantizes each weight once from that state.
+
+    Raises:
+        DeployError: When the options contradict the param dir, or ask RTN for
+            scales that need calibration.
+        ParamDirError: When the params belong to another model or miss blocks.
+    """
+    if cfg.param_dir is None:
+        act = cfg.act or "dynamic"
+        scheme = get_scheme(cfg.quant_type, act, cfg.kv_format or "fp8", cfg.group_size)
+        if act == "static" or scheme.kv_bits is not None:
+            need = "static input scales" if act == "static" else "KV-cache scales"
+            raise DeployError(
+                f"{cfg.quant_type} with {act} activations needs calibrated {need}, which round-to-nearest deploy "
+                f"cannot make: run `main.py --rtn --scheme {cfg.quant_type} --act {act} ...` (calibration only, "
+                "no training) and pass its output as --param_dir")
+        log.info("no --param_dir: round-to-nearest weights, dynamic per-token activations")
+
+        def rtn(idx: int, block: nn.Module) -> nn.Module:
+            return quantize_block(block, scheme, DEFAULT_IGNORE, lwc=False, lac=False)
+
+        return scheme, list(DEFAULT_IGNORE), rtn, {}
+    params = ParamDir(cfg.param_dir)
+    identity, scheme = params.identity(), params.scheme()
+    asked = {"quant_type": (cfg.quant_type, scheme.name), "act": (cfg.act, scheme.act_mode),
+             "kv_format": (cfg.kv_format, scheme.kv_format), "group_size": (cfg.group_size, scheme.group_size)}
+    clash = [f"--{k} {mine} but the params are {theirs}" for k, (mine, theirs) in asked.items()
+             if mine is not None and mine != theirs]
+    if clash:
+        raise DeployError(f"{cfg.param_dir} was trained as {scheme.name} (act {scheme.act_mode}, kv "
+                          f"{scheme.kv_format}, group {scheme.group_size}): {'; '.join(clash)}")
+    params.check_model(model_fingerprint(model.reader))
+    params.block_transform(model.num_blocks)  # refuses a param dir with blocks missing
+
+    def learned(idx: int, block: nn.Module) -> nn.Module:  # block_transform without the freeze (its forward cache)
+        quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"])
+        load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
+        return block
+
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(params.path.glob("block_*"))}
+    return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}
+
+
+def _identity(cfg: DeployConfig, reader: CheckpointReader, extra: dict) -> dict:
+    files = {f: (reader.model_dir / f).stat().st_size for f in sorted(set(reader.weight_map.values()))}
+    opts = {k: v for k, v in asdict(cfg).items() if k not in ("output_weight_path", "overwrite", "verify_samples",
+                                                              "seed", "input_weight_path", "param_dir")}
+    return {"deploy": opts, "source": {"fingerprint": model_fingerprint(reader), "files": files}, "params": extra}
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantScheme | None, list[str]]:
+    """Write the shards, index and ``config.json`` into the staged folder.
+
+    Returns:
+        The staged folder, the source reader, the scheme (None for bfloat16) and
+        the tensors to verify (quantized linears, or dequantized FP8 weights).
+    """
+    source = Path(cfg.input_weight_path)
+    if cfg.quant_type == BF16:
+        reader = CheckpointReader(source)
+        staged = StagedOutput(cfg.output_weight_path, _identity(cfg, reader, {}), cfg.overwrite)
+        export_bf16(reader, staged)
+        config, scheme, to_verify = bf16_config(reader.config), None, fp8_weights(reader)
+    else:
+        model = StreamingModel(source, device="cpu", dtype=torch.float32)
+        reader = model.reader
+        if model.deployed:
+            raise DeployError(f"{source} is already a compressed-tensors checkpoint; deploy from the FP model")
+        scheme, ignore, transform, params = resolve_scheme(cfg, model)
+        to_verify, kept = plan_linears(model, scheme, ignore)
+        staged = StagedOutput(cfg.output_weight_path, _identity(cfg, reader, params), cfg.overwrite)
+        export_quantized(model, transform, staged, parse_size(cfg.max_shard_size))
+        config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
+        config["quantization_config"] = quantization_config(scheme, kept)
+    atomic_write_text(staged.partial / "config.json", json.dumps(config, indent=2) + "\n")
+    staged.copy_side_files(source)
+    return staged, reader, scheme, to_verify
+
+
+def deploy(cfg: DeployConfig) -> DeployResult:
+    """Run one deploy: export, verify, write the report, commit (see the module and :class:`DeployConfig`).
+
+    Raises:
+        DeployError, CheckpointError, ParamDirError, ValueError: With a message
+            that says what to change; nothing is left under the output name.
+    """
+    start = time.perf_counter()
+    staged, reader, scheme, to_verify = _export(cfg)
+    written = CheckpointReader(staged.partial)
+    if scheme is None:
+        checks = verify_copies(reader, written, to_verify, cfg.verify_samples, cfg.seed)
+    else:
+        checks = verify_quantized(reader, written, to_verify, scheme.w_bits, cfg.verify_samples, cfg.seed)
+    summ = summary(checks)
+    log_table(summ, len(to_verify))
+    result = DeployResult(Path(cfg.output_weight_path), cfg.quant_type, len(staged.shard_files),
+                          _safetensors_bytes(reader.model_dir), _safetensors_bytes(staged.partial),
+                          time.perf_counter() - start, summ)
+    report = {"quant_type": cfg.quant_type, "scheme": asdict(scheme) if scheme else None,
+              "source": cfg.input_weight_path, "param_dir": cfg.param_dir,
+              "source_fingerprint": model_fingerprint(reader), "output_fingerprint": model_fingerprint(written),
+              "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
+              "seconds": round(result.seconds, 3),
+              "bands": {f"int{bits}": {"GOOD": good, "WARN": warn} for bits, (good, warn) in BANDS.items()}
+              | {"bf16": "GOOD when bit-identical"},
+              "summary": summ, "tensors": [asdict(c) for c in checks]}
+    atomic_write_text(staged.partial / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    staged.commit()
+    if summ["FAIL"]:
+        log.error("%d tensor(s) FAIL verification: see %s", summ["FAIL"], result.output / REPORT_NAME)
+    return result

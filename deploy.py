@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Write a serving checkpoint (compressed-tensors) from FP weights and learned params, or dequantize FP8 to BF16.
+
+Examples:
+    python deploy.py --input_weight_path assets/smollm2-135m --param_dir outputs/params_w8a8c8 \
+        --output_weight_path outputs/smollm2-w8a8c8 --quant_type w8a8c8
+    python deploy.py --input_weight_path DeepSeek-V3 --output_weight_path DeepSeek-V3-bf16 --quant_type bfloat16
+
+Without --param_dir the weights are rounded to nearest and activations are
+dynamic per token; static activations and 8-bit KV caches need the calibrated
+scales of a param dir (``main.py --rtn`` makes one without training). A
+verification report is logged and written to ``deploy_report.json`` in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cores.calibrator.params import ParamDirError
+from cores.deploy import DeployConfig, DeployError, deploy, quant_types
+from cores.models import UnsupportedModelError
+from cores.utils.checkpoint import CheckpointError
+from cores.utils.logging import setup_logging
+
+log = logging.getLogger("deploy")
+
+
+def parse_args(argv: list[str] | None = None) -> DeployConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_weight_path", required=True, help="FP model folder (bf16 or FP8)")
+    p.add_argument("--output_weight_path", required=True, help="folder to create")
+    p.add_argument("--quant_type", required=True, help=f"one of {', '.join(quant_types())}")
+    p.add_argument("--param_dir", help="learned params from main.py (default: round-to-nearest)")
+    p.add_argument("--act", choices=["static", "dynamic"],
+                   help="activation scales (default: the param dir's; dynamic without one)")
+    p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default: the param dir's)")
+    p.add_argument("--group_size", type=int, help="W4 group size (default: the param dir's, else 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--verify_samples", type=int, help="verify N quantized tensors drawn at random (default: all)")
+    p.add_argument("--max_shard_size", default="5GB", help="output shard size limit (default: 5GB)")
+    a = p.parse_args(argv)
+    return DeployConfig(**vars(a))
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        result = deploy(parse_args(argv))
+    except (DeployError, CheckpointError, UnsupportedModelError, ParamDirError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    print(result.line())
+    return 1 if result.verify["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Fixtures of the deploy tests: a tiny sharded llama, its param dirs and deployed folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from deploy_helpers import GROUP, SEQ, TEXT, make_params
+
+from cores.calibrator.params import ParamDir
+from cores.deploy import DeployConfig, deploy
+from cores.quantization import get_scheme
+from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run fastest on one thread (and do not thrash when other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-block llama in 4 shards, with a tokenizer and a generation config."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "llama", "llama", max_shard_size="100KB")
+    save_tiny_tokenizer(path, TEXT, 512)
+    return path
+
+
+@pytest.fixture(scope="session")
+def params_factory(tmp_path_factory):
+    """``(model_dir, scheme_name, act, kv_format) -> ParamDir``, cached; W4 uses groups of ``GROUP``."""
+    cache: dict[tuple, ParamDir] = {}
+
+    def make(model_dir: Path, name: str, act: str = "static", kv_format: str = "fp8") -> ParamDir:
+        key = (str(model_dir), name, act, kv_format)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("params") / f"{name}-{act}-{kv_format}"
+            scheme = get_scheme(name, act, kv_format, GROUP if name.startswith("w4") else None)
+            cache[key] = make_params(model_dir, out, scheme)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def deployed(tiny_llama, params_factory, tmp_path_factory):
+    """``(scheme_name, act, kv_format) -> (param dir, deployed folder)`` of ``tiny_llama``, cached."""
+    cache: dict[tuple, tuple[ParamDir, Path]] = {}
+
+    def make(name: str, act: str = "static", kv_format: str = "fp8") -> tuple[ParamDir, Path]:
+        key = (name, act, kv_format)
+        if key not in cache:
+            params = params_factory(tiny_llama, name, act, kv_format)
+            out = tmp_path_factory.mktemp("deployed") / f"{name}-{act}-{kv_format}"
+            deploy(DeployConfig(str(tiny_llama), str(out), name, param_dir=str(params.path), max_shard_size="60KB"))
+            cache[key] = params, out
+        return cache[key]
+
+    return make

@@ -1,0 +1,120 @@
+"""Deployed checkpoints: layout, our loader == the fake-quant eval, transformers + compressed-tensors, eval_ppl."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import eval_ppl
+from deploy_helpers import GROUP, TEXT, logits
+from cores.calibrator.quant_block import freeze, quantize_block
+from cores.deploy import DeployConfig, deploy
+from cores.models.streaming import StreamingModel
+from cores.quantization import DEFAULT_IGNORE, get_scheme
+from cores.utils.checkpoint import INDEX_NAME, CheckpointReader, model_fingerprint
+
+CASES = [("w8a8c16", "static", "fp8"), ("w8a8c16", "dynamic", "fp8"), ("w8a8c8", "static", "fp8"),
+         ("w8a8c8", "static", "int8"), ("w8a8c8", "dynamic", "fp8"), ("w4a8c16", "static", "fp8"),
+         ("w4a8c16", "dynamic", "fp8"), ("w4a8c8", "static", "fp8"), ("w4a8c8", "dynamic", "int8")]
+
+
+@pytest.mark.parametrize("name,act,kv", CASES)
+def test_loader_equals_fake_quant_eval(deployed, tiny_llama, ids, name, act, kv):
+    params, out = deployed(name, act, kv)
+    fake, _ = StreamingModel(tiny_llama).sequence_nll(ids, block_transform=params.block_transform(2))
+    ours, _ = StreamingModel(out).sequence_nll(ids)
+    plain, _ = StreamingModel(tiny_llama).sequence_nll(ids)
+    assert abs(ours - fake) <= 1e-6 * abs(fake) and ours != plain
+
+
+def test_layout(deployed, tiny_llama):
+    _, out = deployed("w4a8c8", "static", "int8")
+    src, dst = CheckpointReader(tiny_llama), CheckpointReader(out)
+    q = "model.layers.0.self_attn.q_proj."
+    t = dst.read([q + "weight_packed", q + "weight_scale", q + "weight_shape", q + "input_scale",
+                  "model.layers.0.self_attn.k_scale", "model.layers.1.self_attn.v_scale"])
+    assert t[q + "weight_packed"].dtype == torch.int32 and t[q + "weight_packed"].shape == (64, 8)
+    assert t[q + "weight_scale"].dtype == torch.float32 and t[q + "weight_scale"].shape == (64, 64 // GROUP)
+    assert t[q + "weight_shape"].tolist() == [64, 64] and t[q + "input_scale"].shape == (1,)
+    assert all(v.dtype == torch.float32 for k, v in t.items() if k.endswith("scale"))
+    assert not dst.has(q + "weight")
+    kept = [k for k in src.keys if "norm" in k or "embed" in k or k == "lm_head.weight"]
+    assert all(torch.equal(src.read([k])[k], dst.read([k])[k]) for k in kept)
+    index = json.loads((out / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards and len(shards) > 2
+    for shard in shards:  # at most 60KB, or a single tensor larger than that
+        with safe_open(str(out / shard), "pt") as f:
+            assert (out / shard).stat().st_size <= 61_000 or len(list(f.keys())) == 1
+    config, source_config = (json.loads((d / "config.json").read_text()) for d in (out, tiny_llama))
+    assert config.pop("quantization_config")["ignore"] == ["lm_head"] and config == source_config
+    for side in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / side).read_bytes() == (tiny_llama / side).read_bytes()
+    report = json.loads((out / "deploy_report.json").read_text())
+    assert report["summary"]["checked"] == 14 and report["summary"]["GOOD"] == 14
+    assert report["output_fingerprint"] == report["source_fingerprint"] == model_fingerprint(src)
+    assert not list(out.glob("*.tmp")) and not (out / "deploy_progress.json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())  # readable by a serving user
+
+
+def test_rtn_deploy_equals_rtn_fake_quant(tiny_llama, ids, tmp_path):
+    scheme = get_scheme("w4a8c16", "dynamic", group_size=GROUP)
+    deploy(DeployConfig(str(tiny_llama), str(tmp_path / "rtn"), "w4a8c16", group_size=GROUP))
+    config = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+
+    def rtn(idx, block):
+        return freeze(quantize_block(block, scheme, DEFAULT_IGNORE, lwc=False, lac=False))
+
+    fake, _ = StreamingModel(tiny_llama).sequence_nll(ids, block_transform=rtn)
+    assert StreamingModel(tmp_path / "rtn").sequence_nll(ids)[0] == pytest.approx(fake, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,act,kv", [("w8a8c8", "static", "fp8"), ("w4a8c8", "static", "int8")])
+def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, name, act, kv):
+    """transformers + compressed-tensors run static input quant, weight dequant and KV fake quant as we do."""
+    params, out = deployed(name, act, kv)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(ids).logits
+    assert model.model.layers[0].self_attn.k_scale.dtype == torch.float32
+    assert torch.equal(theirs, logits(tiny_llama, ids, params.block_transform(2)))
+
+
+def test_transformers_dynamic_differs_only_by_the_token_scale(deployed, tiny_llama, ids, monkeypatch):
+    """compressed-tensors' reference takes per-token scales absmax / 127.5; vLLM and we take absmax / 127."""
+    import compressed_tensors.quantization.utils.helpers as ct_helpers
+
+    params, out = deployed("w4a8c16", "dynamic", "fp8")
+    ours, plain = logits(tiny_llama, ids, params.block_transform(2)), logits(tiny_llama, ids)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(ids).logits
+    assert 0 < (theirs - ours).abs().max() < 0.25 * (plain - ours).abs().max()
+    original = ct_helpers.calculate_qparams
+
+    def per_127(min_vals, max_vals, args, global_scale=None):
+        scale, zero_point = original(min_vals, max_vals, args, global_scale)
+        return (scale * 127.5 / 127 if args.dynamic else scale), zero_point
+
+    monkeypatch.setattr(ct_helpers, "calculate_qparams", per_127)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ours)
+
+
+def test_eval_ppl_on_deployed_equals_fake_quant(deployed, tiny_llama, tmp_path):
+    params, out = deployed("w8a8c8", "static", "fp8")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    args = ["--dataset", str(text), "--seq_len", "16", "--max_windows", "4"]
+    assert eval_ppl.main(["--model", str(out), *args, "--output_json", str(tmp_path / "d.json")]) == 0
+    assert eval_ppl.main(["--model", str(tiny_llama), "--param_dir", str(params.path), *args,
+                          "--output_json", str(tmp_path / "f.json")]) == 0
+    ppl = [json.loads((tmp_path / f).read_text())["ppl"] for f in ("d.json", "f.json")]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
