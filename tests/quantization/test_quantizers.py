@@ -9,6 +9,7 @@ from compressed_tensors.compressors.pack_quantized import PackedQuantizationComp
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from cores.quantization import (
+    LAC_INIT_LOGIT,
     FP8_E4M3_MAX,
     ActQuantizer,
     Granularity,
@@ -217,7 +218,7 @@ def test_static_input_scale_export_is_the_scale_fake_quant_uses(lac: bool) -> No
     assert torch.equal(exported, x.abs().amax().reshape(1) / 127)
     if lac:
         with torch.no_grad():
-            quantizer.clip_factor.fill_(0.5)
+            quantizer.clip_factor.fill_(LAC_INIT_LOGIT - 2.0)  # below the init: a real clip
         exported = quantizer.get_qparams()["input_scale"]
         assert exported < x.abs().amax() / 127
     expected = fake_quantize(x, exported, torch.zeros(1), -128, 127)
