@@ -171,8 +171,11 @@ def round_ste(x: Tensor) -> Tensor:
     """Round to nearest (ties to even) with an identity gradient.
 
     The result equals ``x.round()`` exactly: ``round(x) - x`` is exact in floating
-    point (Sterbenz), so adding ``x`` back recovers ``round(x)``.
+    point (Sterbenz), so adding ``x`` back recovers ``round(x)``. Without autograd
+    (evaluation, deploy) it is a plain round.
     """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.round()
     return (x.round() - x).detach() + x
 
 
@@ -208,8 +211,9 @@ def compute_scale_zp(min_val: Tensor, max_val: Tensor, bits: int, symmetric: boo
 
 
 def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, ste: bool) -> Tensor:
-    rounded = round_ste(x / scale) if ste else (x / scale).round()
-    return (rounded + zero_point).clamp(qmin, qmax)
+    if ste:
+        return (round_ste(x / scale) + zero_point).clamp(qmin, qmax)
+    return (x / scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
 
 def quantize(
