@@ -3,7 +3,7 @@
 
 Each block in [--start_block_idx, --end_block_idx) trains on its own: input = dumped
 FP input of block i, target = dumped FP input of block i+1. Rerunning skips
-finished blocks. Example:
+finished blocks. Under torchrun each rank takes a disjoint share of the blocks. Example:
 
     python main.py --model assets/smollm2-135m --data_dir outputs/calib \
         --output_dir outputs/params_w8a8c8 --scheme w8a8c8 --epochs 5
@@ -22,6 +22,7 @@ from cores.models import UnsupportedModelError
 from cores.quantization import scheme_names
 from cores.utils.checkpoint import CheckpointError
 from cores.utils.config import build_config, parse_device
+from cores.utils.distributed import distributed
 from cores.utils.logging import setup_logging
 
 log = logging.getLogger("main")
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg, _ = parse_args(argv)
-        params = run_training(cfg)
+        with distributed() as ranks:
+            params = run_training(cfg, ranks)
+            if ranks.rank != 0:
+                return 0
     except (CheckpointError, UnsupportedModelError, DumpError, ParamDirError, ValueError, FileNotFoundError,
             FloatingPointError) as err:
         log.error("%s", err)

@@ -167,3 +167,23 @@ def test_cli_yaml_config_and_errors(tiny, tmp_path):
     assert main_cli.main(["--model", str(model), "--data_dir", str(tmp_path), "--output_dir", str(out)]) == 2
     assert extract_calib_data.main(["--model", str(model), "--output_dir", str(tmp_path / "x"),
                                     "--dataset", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_torchrun_two_ranks_split_the_blocks(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, _, dump = tiny
+    out = tmp_path / "p"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "main.py", "--model", str(model), "--data_dir", str(dump),
+                           "--output_dir", str(out), "--scheme", "w8a8c16", "--epochs", "1"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params = ParamDir(out)
+    assert params.done_blocks() == [0, 1, 2]
+    assert "3 blocks in" in proc.stdout  # rank 0 prints the summary once all ranks are done

@@ -28,7 +28,7 @@ from ..quantization import (
     set_quant_state,
 )
 
-CACHE_HOOKS = ("k_cache_quant", "v_cache_quant")
+CACHE_HOOKS = ("k_cache_quant", "v_cache_quant", "kv_cache_quant")  # GQA keys / values, MLA latent + rope key
 _STATE_MARKERS = ("_quantizer.", "cache_quant.")
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantState, get_scheme, set_quant_state
 from ..utils.checkpoint import model_fingerprint
+from ..utils.distributed import Ranks
 from .dump import DumpError, DumpManifest, HiddenDump, boundary_path
 from .params import ParamDir
 from .quant_block import freeze, learnable_parameters, load_quant_state, quant_state_dict, quantize_block
@@ -166,23 +167,30 @@ def train_block(block: nn.Module, xs: _Batches, ys: _Batches, n: int, cfg: Train
     return best_state, record
 
 
-def run_training(cfg: TrainConfig) -> ParamDir:
-    """Train (or RTN-calibrate) every block in the range; finished blocks are skipped."""
+def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
+    """Train (or RTN-calibrate) every block in the range; finished blocks are skipped.
+
+    Under ``torchrun`` each rank trains every ``world``-th block of the range from
+    the shared dump into the shared param dir.
+    """
+    if ranks.world > 1 and cfg.sequential:
+        raise ValueError("--sequential chains the blocks and cannot be split over ranks; run it in one process")
     manifest = DumpManifest.load(cfg.data_dir)
-    model = StreamingModel(cfg.model, device=cfg.device, dtype=torch.float32)
+    model = StreamingModel(cfg.model, device=ranks.device(cfg.device), dtype=torch.float32)
     fingerprint = model_fingerprint(model.reader)
     if manifest.model_fingerprint != fingerprint:
         raise DumpError(f"{cfg.data_dir} was dumped from another model (fingerprint {manifest.model_fingerprint}, "
                         f"{cfg.model} is {fingerprint}); dump this model with extract_calib_data.py")
     scheme = get_scheme(cfg.scheme, cfg.act, cfg.kv_format, cfg.group_size)
     params = ParamDir(cfg.output_dir)
-    params.bind({
+    identity = {
         "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
         "dump": asdict(manifest), "scheme": asdict(scheme), "lwc": cfg.lwc, "lac": cfg.lac,
         "ignore": list(cfg.ignore), "train_mode": cfg.train_mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
-    })
+    }
+    params.bind(identity)  # atomic and idempotent: every rank checks for itself, all refuse alike
     end = model.num_blocks if cfg.end_block_idx is None else min(cfg.end_block_idx, model.num_blocks)
-    blocks = range(cfg.start_block_idx, end)
+    blocks = ranks.share(range(cfg.start_block_idx, end))
     n, seq = manifest.n_samples, manifest.seq_len
     cos, sin = model.rotary(seq)
     store = None
@@ -192,7 +200,8 @@ def run_training(cfg: TrainConfig) -> ParamDir:
         for lo in range(0, n, cfg.batch_size):
             store.write(lo, first.read(lo, lo + cfg.batch_size))
     try:
-        for idx in tqdm(blocks, desc=f"{scheme.name} blocks", unit="block"):
+        for idx in tqdm(blocks, desc=f"{scheme.name} blocks" + (f" rank {ranks.rank}" if ranks.world > 1 else ""),
+                        unit="block"):
             label = f"block {idx + 1}/{model.num_blocks}"
             if params.is_done(idx) and not cfg.sequential:
                 log.info("%s: done already, skipped", label)
@@ -224,15 +233,20 @@ def run_training(cfg: TrainConfig) -> ParamDir:
     finally:
         if store is not None:
             store.close()
+    ranks.barrier()
     return params
 
 
 def summarize(params: ParamDir) -> str:
-    """One line: how many blocks, mean RTN and learned loss, and how many improved."""
+    """One line: how many blocks, mean RTN and learned block loss, how many improved."""
     records = params.records()
     if not records:
         return f"{params.path}: no finished blocks"
+    mean_rtn = sum(r["loss_rtn"] for r in records) / len(records)
+    if all(r["rtn"] for r in records):
+        return f"{len(records)} blocks of round-to-nearest params in {params.path}: mean block mse {mean_rtn:.4g}"
     better = sum(r["loss_learned"] < r["loss_rtn"] for r in records)
-    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
-    return (f"{len(records)} blocks in {params.path}: mean block mse rtn {mean('loss_rtn'):.4g}, "
-            f"learned {mean('loss_learned'):.4g}; learned < rtn in {better}/{len(records)} blocks")
+    fallbacks = sum(r["fallback_to_rtn"] for r in records)
+    mean_learned = sum(r["loss_learned"] for r in records) / len(records)
+    return (f"{len(records)} blocks in {params.path}: mean block mse rtn {mean_rtn:.4g} -> learned {mean_learned:.4g}; "
+            f"learned < rtn in {better}/{len(records)} blocks ({fallbacks} kept RTN)")
