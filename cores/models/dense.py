@@ -17,8 +17,9 @@ def _sliding_window(config, idx: int) -> int | None:
     return None
 
 
-def _dense_block(config, idx: int, *, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp_bias: bool) -> DecoderBlock:
-    attn = GQAAttention(
+def gqa_attention(config, *, qkv_bias: bool, o_bias: bool, qk_norm: bool, sliding_window: int | None) -> GQAAttention:
+    """The GQA attention of a Llama / Qwen style config."""
+    return GQAAttention(
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
@@ -27,8 +28,13 @@ def _dense_block(config, idx: int, *, qkv_bias: bool, o_bias: bool, qk_norm: boo
         o_bias=o_bias,
         qk_norm=qk_norm,
         norm_eps=config.rms_norm_eps,
-        sliding_window=_sliding_window(config, idx),
+        sliding_window=sliding_window,
     )
+
+
+def _dense_block(config, idx: int, *, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp_bias: bool) -> DecoderBlock:
+    attn = gqa_attention(config, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,
+                         sliding_window=_sliding_window(config, idx))
     mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=mlp_bias)
     return DecoderBlock(config.hidden_size, attn, mlp, config.rms_norm_eps)
 

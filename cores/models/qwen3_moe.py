@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .dense import gqa_head_dim
-from .layers import DecoderBlock, GQAAttention, SwiGLUMLP
+from .dense import gqa_attention, gqa_head_dim
+from .layers import DecoderBlock, SwiGLUMLP
 from .moe import MoE, SoftmaxTopKRouter
 from .registry import ModelFamily, register_family
 
@@ -34,17 +34,8 @@ def _mlp(config, idx: int) -> nn.Module:
 
 def _qwen3_moe_block(config, idx: int) -> DecoderBlock:
     bias = bool(getattr(config, "attention_bias", False))
-    attn = GQAAttention(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=gqa_head_dim(config),
-        qkv_bias=bias,
-        o_bias=bias,
-        qk_norm=True,
-        norm_eps=config.rms_norm_eps,
-        sliding_window=getattr(config, "sliding_window", None),  # None unless use_sliding_window
-    )
+    attn = gqa_attention(config, qkv_bias=bias, o_bias=bias, qk_norm=True,
+                         sliding_window=getattr(config, "sliding_window", None))  # None unless use_sliding_window
     return DecoderBlock(config.hidden_size, attn, _mlp(config, idx), config.rms_norm_eps)
 
 
