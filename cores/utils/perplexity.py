@@ -92,6 +92,9 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
     """
     model = StreamingModel(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.param_dir is not None:
+        if model.deployed:
+            raise ValueError(f"{cfg.model} is a deployed (compressed-tensors) checkpoint: it already carries its "
+                             "quantization; --param_dir applies to the float model it was made from")
         params = ParamDir(cfg.param_dir)
         params.check_model(model_fingerprint(model.reader))
         block_transform = params.block_transform(model.num_blocks)

@@ -118,3 +118,5 @@ def test_eval_ppl_on_deployed_equals_fake_quant(deployed, tiny_llama, tmp_path):
                           "--output_json", str(tmp_path / "f.json")]) == 0
     ppl = [json.loads((tmp_path / f).read_text())["ppl"] for f in ("d.json", "f.json")]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+    # a deployed folder already carries its quantization: params on top of it are refused
+    assert eval_ppl.main(["--model", str(out), "--param_dir", str(params.path), *args]) == 2
