@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UnsupportedModelError, DatasetNotFoundError, ParamDirError, ValueError) as err:
         log.error("%s", err)
         return 2
-    what = f"fake-quant ({cfg.param_dir})" if cfg.param_dir else "float"
+    what = f"fake-quant ({cfg.param_dir})" if cfg.param_dir else "deployed" if result.deployed else "float"
     print(f"{what} ppl {result.ppl:.4f} | {result.tokens} tokens in {result.windows} windows of {result.seq_len} | "
           f"{result.tokens_per_s:.1f} tokens/s | {result.dtype} on {result.device}")
     if output_json:

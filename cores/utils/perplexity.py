@@ -76,6 +76,7 @@ class PplResult:
     dtype: str
     device: str
     param_dir: str | None = None
+    deployed: bool = False
 
 
 def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) -> PplResult:
@@ -120,6 +121,7 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
         dtype=str(model.dtype).removeprefix("torch."),
         device=str(model.device),
         param_dir=cfg.param_dir,
+        deployed=model.deployed,
     )
 
 
