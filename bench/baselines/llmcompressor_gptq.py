@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""llm-compressor baseline for ``bench/bench_quality.py``; runs in its own venv.
+
+Quantizes the model with one llm-compressor recipe (``oneshot``), calibrated on the
+exact token windows of one of our dumps (``tokens.safetensors``, key ``input_ids``),
+then evaluates perplexity with a plain ``transformers`` forward of the model that
+``oneshot`` leaves in memory (its fake-quant modules are active in that forward) on
+the windows of ``cores.utils.data.ppl_windows``. Writes a JSON result.
+
+Usage:
+    python bench/baselines/llmcompressor_gptq.py --recipe gptq_w8a8 --model M --tokens T \
+        --eval_text E --seq_len 2048 --max_windows 8 --output_json F
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from cores.utils.data import load_text, ppl_windows  # noqa: E402
+
+log = logging.getLogger("llmcompressor_baseline")
+RECIPES = ("bf16", "gptq_w8a8", "gptq_w4a8_g64", "gptq_w4a16_g64", "sq_gptq_w8a8")
+
+
+def int4_group(group_size: int, act_bits: int | None):
+    """A GPTQ modifier for symmetric int4 group weights, optionally int8 dynamic per-token inputs."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="int", strategy="token",
+                                                          symmetric=True, dynamic=True)
+    weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+
+
+def build_recipe(name: str) -> list:
+    """The llm-compressor modifiers of a recipe name (``bf16``: none)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    recipes = {
+        "bf16": lambda: [],
+        "gptq_w8a8": lambda: [GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
+        "gptq_w4a8_g64": lambda: [int4_group(64, 8)],
+        "gptq_w4a16_g64": lambda: [int4_group(64, None)],
+        "sq_gptq_w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
+                                 GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
+    }
+    return recipes[name]()
+
+
+def window_nll(model, windows: torch.Tensor) -> float:
+    """Mean next-token NLL over equal-length windows (= token mean, as in our evaluator)."""
+    with torch.no_grad():
+        return sum(float(model(w[None], labels=w[None]).loss) for w in windows) / len(windows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=RECIPES, required=True)
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--tokens", required=True, help="tokens.safetensors of our calibration dump")
+    p.add_argument("--eval_text", required=True, help="evaluation text (file or folder)")
+    p.add_argument("--seq_len", type=int, required=True, help="eval window length")
+    p.add_argument("--max_windows", type=int, required=True, help="eval windows")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output_json", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    calib = load_file(args.tokens)["input_ids"]
+    quant_s = 0.0
+    if args.recipe != "bf16":
+        data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+        log.info("%s: oneshot on %d x %d calibration tokens", args.recipe, *calib.shape)
+        start = time.perf_counter()
+        model = oneshot(model=model, tokenizer=tok, recipe=build_recipe(args.recipe), dataset=data,
+                        num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+                        shuffle_calibration_samples=False)
+        quant_s = time.perf_counter() - start
+    windows = ppl_windows(tok, load_text(args.eval_text, "test"), args.seq_len, args.max_windows)
+    start = time.perf_counter()
+    nll = window_nll(model.eval(), windows)
+    result = {
+        "recipe": args.recipe, "ppl": math.exp(nll), "nll": nll, "tokens": windows.shape[0] * (args.seq_len - 1),
+        "windows": windows.shape[0], "seq_len": args.seq_len, "calib_shape": list(calib.shape),
+        "quant_seconds": quant_s, "eval_seconds": time.perf_counter() - start,
+        "versions": {m: version(m) for m in ("llmcompressor", "compressed-tensors", "transformers", "torch")},
+    }
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
+    os.replace(out.with_suffix(".tmp"), out)
+    log.info("%s: ppl %.4f (quantize %.1f s)", args.recipe, result["ppl"], quant_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Quality benchmark: BF16 vs RTN vs learned perplexity at every scheme, next to llm-compressor.
+
+Measured in one run on SmolLM2-135M (``ensure_assets``): one calibration dump from the
+train split, then for each scheme and activation mode a round-to-nearest and a learned
+param dir (block-loss stats and training wall time from their records), fake-quant
+perplexity on the eval split (GPTQ/OmniQuant protocol: first ``--max_windows``
+windows of ``--eval_seq_len``), and llm-compressor recipes run in their own venv
+(``outputs/venv-baseline``, created here) on the same calibration token windows (the
+dump's ``tokens.safetensors``) and the same eval windows. Every stage is cached under
+``--out``: a rerun skips what exists and only re-prints the table.
+
+Defaults fit about an hour on a 2-core CPU: 16 calibration windows of 512 tokens,
+2 epochs at lr 2e-2, 8 eval windows of 2048 tokens; W4 uses groups of 64 (576, the
+hidden size, is not a multiple of 128).
+
+Usage:
+    python bench/bench_quality.py [--n_samples 16] [--calib_seq_len 512] [--epochs 2] [--lr 2e-2]
+        [--eval_seq_len 2048] [--max_windows 8] [--schemes w8a8c16,...] [--acts static,dynamic]
+        [--baselines gptq_w8a8,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cores.calibrator.extract import ExtractConfig, extract_calibration  # noqa: E402
+from cores.calibrator.trainer import TrainConfig, run_training  # noqa: E402
+from cores.utils.assets import Assets, ensure_assets  # noqa: E402
+from cores.utils.perplexity import PplConfig, evaluate_ppl  # noqa: E402
+
+log = logging.getLogger("bench_quality")
+SCHEMES = ("w8a8c16", "w8a8c8", "w4a8c16", "w4a8c8")
+BASELINES = {  # recipe -> label; all ignore lm_head, weights symmetric
+    "bf16": "transformers bf16 (baseline venv, fp32 forward)",
+    "gptq_w8a8": "llm-compressor GPTQ W8A8 (int8 chan, dyn tok)",
+    "gptq_w4a8_g64": "llm-compressor GPTQ W4A8 g64 (dyn tok)",
+    "gptq_w4a16_g64": "llm-compressor GPTQ W4A16 g64",
+    "sq_gptq_w8a8": "llm-compressor SmoothQuant+GPTQ W8A8",
+}
+BASELINE_SCRIPT = ROOT / "bench" / "baselines" / "llmcompressor_gptq.py"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table; ``better``/``fallbacks`` only for learned rows."""
+
+    label: str
+    ppl: float
+    seconds: float | None = None
+    better: str = ""
+    fallbacks: str = ""
+
+
+def cached_json(path: Path, compute) -> dict:
+    """``path``'s JSON, computing and writing it first when absent."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(compute(), indent=2))
+        tmp.replace(path)
+    return json.loads(path.read_text())
+
+
+def ensure_baseline_venv(venv: Path) -> Path:
+    """Create ``venv`` with CPU torch 2.13.0 and llm-compressor unless it imports already; its python."""
+    py = venv / "bin" / "python"
+    if py.is_file() and subprocess.run([str(py), "-c", "import llmcompressor"], capture_output=True).returncode == 0:
+        return py
+    log.info("creating %s (torch==2.13.0 first, then llmcompressor)", venv)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for pkg in ("torch==2.13.0", "llmcompressor"):
+        subprocess.run([str(py), "-m", "pip", "install", "-q", pkg], check=True)
+    return py
+
+
+def ppl(assets: Assets, args: argparse.Namespace, param_dir: Path | None) -> float:
+    cfg = PplConfig(model=str(assets.model_dir), dataset=str(assets.eval_text), split="test",
+                    seq_len=args.eval_seq_len, max_windows=args.max_windows,
+                    param_dir=None if param_dir is None else str(param_dir))
+    name = "bf16" if param_dir is None else param_dir.name
+    result = cached_json(args.run_dir / "ppl" / f"{name}_L{args.eval_seq_len}_w{args.max_windows}.json",
+                         lambda: asdict(evaluate_ppl(cfg)))
+    log.info("%s: ppl %.4f over %d tokens", name, result["ppl"], result["tokens"])
+    return result["ppl"]
+
+
+def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str) -> list[Row]:
+    """Train (or reuse) the RTN and learned param dirs of one scheme and evaluate both."""
+    w4 = scheme.startswith("w4")
+    tag = f"{scheme}_{act}" + (f"_kv{args.kv_format}" if scheme.endswith("c8") else "")
+    rows = []
+    for rtn in (True, False):
+        out = args.run_dir / (f"{tag}_rtn" if rtn else f"{tag}_e{args.epochs}_lr{args.lr:g}")
+        cfg = TrainConfig(model=str(assets.model_dir), data_dir=str(args.run_dir / "calib"), output_dir=str(out),
+                          scheme=scheme, act=act, kv_format=args.kv_format,
+                          group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr, rtn=rtn)
+        records = run_training(cfg).records()
+        seconds = sum(r["seconds"] for r in records)
+        label = f"{scheme} {act} {'RTN' if rtn else 'learned'}"
+        if rtn:
+            rows.append(Row(label, ppl(assets, args, out), seconds))
+            continue
+        better = sum(r["loss_learned"] < r["loss_rtn"] for r in records)
+        fallbacks = sum(r["fallback_to_rtn"] for r in records)
+        rows.append(Row(label, ppl(assets, args, out), seconds, f"{better}/{len(records)}",
+                        f"{fallbacks}/{len(records)}"))
+    return rows
+
+
+def baseline_row(assets: Assets, args: argparse.Namespace, py: Path, recipe: str) -> Row:
+    """Run one llm-compressor recipe in its venv (cached) on our calibration tokens and eval windows."""
+    out = args.run_dir / "baselines" / f"{recipe}_L{args.eval_seq_len}_w{args.max_windows}.json"
+    if not out.is_file():
+        log.info("llm-compressor %s: running in %s", recipe, py)
+        subprocess.run([str(py), str(BASELINE_SCRIPT), "--recipe", recipe, "--model", str(assets.model_dir),
+                        "--tokens", str(args.run_dir / "calib" / "tokens.safetensors"),
+                        "--eval_text", str(assets.eval_text), "--seq_len", str(args.eval_seq_len),
+                        "--max_windows", str(args.max_windows), "--threads", str(args.threads),
+                        "--output_json", str(out)], check=True)
+    result = json.loads(out.read_text())
+    log.info("llm-compressor %s: ppl %.4f, versions %s", recipe, result["ppl"], result["versions"])
+    return Row(BASELINES[recipe], result["ppl"], result["quant_seconds"] if recipe != "bf16" else None)
+
+
+def table(rows: list[Row], bf16: float, args: argparse.Namespace) -> str:
+    head = (f"SmolLM2-135M, eval {args.max_windows} x {args.eval_seq_len} tokens of the eval split; calibration "
+            f"{args.n_samples} x {args.calib_seq_len} tokens of the train split; learned: {args.epochs} epochs, "
+            f"lr {args.lr:g}; W4 group {args.group_size}; C8 {args.kv_format}\n")
+    lines = [f"{'model':<48} {'ppl':>9} {'vs bf16':>9} {'blk learned<rtn':>16} {'fallbacks':>10} {'wall s':>8}"]
+    for r in rows:
+        secs = "" if r.seconds is None else f"{r.seconds:.1f}"
+        lines.append(f"{r.label:<48} {r.ppl:9.4f} {(r.ppl / bf16 - 1) * 100:+8.2f}% {r.better:>16} "
+                     f"{r.fallbacks:>10} {secs:>8}")
+    foot = ("wall s: sum of per-block training time (ours, from the block records) or oneshot time "
+            "(llm-compressor), model load and eval excluded")
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n_samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib_seq_len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--eval_seq_len", type=int, default=2048)
+    p.add_argument("--max_windows", type=int, default=8, help="eval windows (the first N)")
+    p.add_argument("--group_size", type=int, default=64, help="W4 group size")
+    p.add_argument("--kv_format", choices=("fp8", "int8"), default="fp8")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--acts", default="static,dynamic")
+    p.add_argument("--baselines", default=",".join(BASELINES), help=f"subset of {','.join(BASELINES)}, or ''")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
+    p.add_argument("--venv", type=Path, default=ROOT / "outputs" / "venv-baseline", help="llm-compressor venv")
+    args = p.parse_args()
+    unknown = set(filter(None, args.baselines.split(","))) - set(BASELINES)
+    if unknown:
+        p.error(f"unknown baselines {sorted(unknown)}; choose from {','.join(BASELINES)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    args.run_dir = args.out / f"n{args.n_samples}_s{args.calib_seq_len}"
+    assets = ensure_assets()
+    start = time.perf_counter()
+
+    extract_calibration(ExtractConfig(model=str(assets.model_dir), output_dir=str(args.run_dir / "calib"),
+                                      dataset=str(assets.train_text), split="train", n_samples=args.n_samples,
+                                      seq_len=args.calib_seq_len, seed=0))
+    bf16 = ppl(assets, args, None)
+    rows = [Row("bf16", bf16)]
+    for scheme in filter(None, args.schemes.split(",")):
+        for act in filter(None, args.acts.split(",")):
+            rows += scheme_rows(assets, args, scheme, act)
+    recipes = list(filter(None, args.baselines.split(",")))
+    if recipes:
+        py = ensure_baseline_venv(args.venv)
+        rows += [baseline_row(assets, args, py, recipe) for recipe in recipes]
+    log.info("bench done in %.1f s", time.perf_counter() - start)
+    print(table(rows, bf16, args))
+
+
+if __name__ == "__main__":
+    main()
