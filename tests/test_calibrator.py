@@ -67,6 +67,13 @@ def test_dump_refuses_other_settings(tiny):
                                           seq_len=32))
 
 
+def test_dump_accepts_the_same_dataset_by_another_path(tiny, monkeypatch):
+    model, text, dump = tiny
+    monkeypatch.chdir(text.parent)
+    extract_calibration(ExtractConfig(model=str(model), output_dir=str(dump), dataset=text.name, n_samples=6,
+                                      seq_len=32, batch_size=2))  # relative path, same file: nothing to redo
+
+
 def test_dump_refuses_when_disk_is_short(tiny, tmp_path, monkeypatch):
     model, text, _ = tiny
     import shutil

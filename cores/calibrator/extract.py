@@ -84,7 +84,7 @@ def extract_calibration(cfg: ExtractConfig) -> DumpManifest:
         model_type=model.config.model_type,
         num_blocks=model.num_blocks,
         hidden_size=model.hidden_size,
-        dataset=str(cfg.dataset),
+        dataset=str(Path(cfg.dataset).resolve()) if Path(cfg.dataset).exists() else cfg.dataset,
         split=cfg.split,
         n_samples=cfg.n_samples,
         seq_len=cfg.seq_len,
