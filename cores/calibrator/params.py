@@ -102,8 +102,13 @@ class ParamDir:
                 f"{self.path} was trained on another model (fingerprint {theirs}, this model {fingerprint})"
             )
 
-    def block_transform(self, num_blocks: int):
-        """``(idx, block) -> frozen quantized block`` with this dir's params.
+    def block_transform(self, num_blocks: int, frozen: bool = True):
+        """``(idx, block) -> quantized block`` with this dir's params.
+
+        Args:
+            num_blocks: blocks the model has; every one must have params.
+            frozen: freeze the block (weights quantized once, cached for its forward).
+                Deploy passes False: it quantizes each weight once itself.
 
         Raises:
             ParamDirError: when some block has no params yet.
@@ -116,7 +121,7 @@ class ParamDir:
         def transform(idx: int, block: nn.Module) -> nn.Module:
             quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"])
             load_quant_state(block, self.load_block(idx), str(self.params_path(idx)))
-            return freeze(block)
+            return freeze(block) if frozen else block
 
         return transform
 

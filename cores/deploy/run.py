@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..calibrator.params import ParamDir
-from ..calibrator.quant_block import load_quant_state, quantize_block
+from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names
 from ..utils.checkpoint import CheckpointReader, model_fingerprint
@@ -121,9 +121,9 @@ def _size(nbytes: int) -> str:
 def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantScheme, list[str], BlockTransform, dict]:
     """The scheme, ignore patterns, quantizing transform and param identity of a quantized deploy.
 
-    The transform swaps the quantizers in and loads their learned state, exactly
-    as :meth:`ParamDir.block_transform` does for the fake-quant evaluation, but
-    does not freeze: ``get_qparams()`` quantizes each weight once from that state.
+    The transform is :meth:`ParamDir.block_transform`, the one the fake-quant
+    evaluation uses, without the freeze: ``get_qparams()`` quantizes each weight
+    once from that state.
 
     Raises:
         DeployError: When the options contradict the param dir, or ask RTN for
@@ -155,13 +155,7 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
         raise DeployError(f"{cfg.param_dir} was trained as {scheme.name} (act {scheme.act_mode}, kv "
                           f"{scheme.kv_format}, group {scheme.group_size}): {'; '.join(clash)}")
     params.check_model(model_fingerprint(model.reader))
-    params.block_transform(model.num_blocks)  # refuses a param dir with blocks missing
-
-    def learned(idx: int, block: nn.Module) -> nn.Module:  # block_transform without the freeze (its forward cache)
-        quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"])
-        load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
-        return block
-
+    learned = params.block_transform(model.num_blocks, frozen=False)  # refuses a param dir with blocks missing
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(params.path.glob("block_*"))}
     return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}
 
