@@ -15,6 +15,7 @@ import sys
 from cores.calibrator.params import ParamDirError
 from cores.models import UnsupportedModelError
 from cores.utils.checkpoint import CheckpointError
+from cores.utils.config import parse_device
 from cores.utils.data import DatasetNotFoundError
 from cores.utils.logging import setup_logging
 from cores.utils.perplexity import PplConfig, evaluate_ppl, write_result
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--seq_len", type=int, default=2048, help="window length in tokens (default: 2048)")
     p.add_argument("--output_json", help="write the result here as JSON")
-    p.add_argument("--dev", default="cpu", help="cpu or cuda:N (default: cpu)")
+    p.add_argument("--dev", default="cpu", help="cpu, cuda:N or N (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward (default: 1)")
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
     p.add_argument("--offload_dir", help="keep hidden states in a file here instead of RAM")
     p.add_argument("--param_dir", help="evaluate the fake-quantized model with params from main.py")
     a = p.parse_args(argv)
-    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len, device=a.dev,
+    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len, device=parse_device(a.dev),
                      dtype=a.dtype, batch_size=a.batch_size, max_windows=a.max_windows,
                      offload_dir=a.offload_dir, param_dir=a.param_dir), a.output_json
 
