@@ -37,10 +37,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
     p.add_argument("--max_windows", type=int, help="evaluate only the first N windows")
     p.add_argument("--offload_dir", help="keep hidden states in a file here instead of RAM")
     p.add_argument("--param_dir", help="evaluate the fake-quantized model with params from main.py")
+    p.add_argument("--mla_param_path", help="params of --train_mode mla, when kept apart from --moe_param_path")
+    p.add_argument("--moe_param_path", help="params of --train_mode moe, when kept apart from --mla_param_path")
     a = p.parse_args(argv)
     return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len, device=parse_device(a.dev),
                      dtype=a.dtype, batch_size=a.batch_size, max_windows=a.max_windows,
-                     offload_dir=a.offload_dir, param_dir=a.param_dir), a.output_json
+                     offload_dir=a.offload_dir, param_dir=a.param_dir,
+                     mla_param_path=a.mla_param_path, moe_param_path=a.moe_param_path), a.output_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UnsupportedModelError, DatasetNotFoundError, ParamDirError, ValueError) as err:
         log.error("%s", err)
         return 2
-    what = f"fake-quant ({cfg.param_dir})" if cfg.param_dir else "deployed" if result.deployed else "float"
+    given = [p for p in (cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path) if p]
+    what = f"fake-quant ({', '.join(given)})" if given else "deployed" if result.deployed else "float"
     print(f"{what} ppl {result.ppl:.4f} | {result.tokens} tokens in {result.windows} windows of {result.seq_len} | "
           f"{result.tokens_per_s:.1f} tokens/s | {result.dtype} on {result.device}")
     if output_json:

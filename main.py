@@ -7,6 +7,10 @@ finished blocks. Under torchrun each rank takes a disjoint share of the blocks. 
 
     python main.py --model assets/smollm2-135m --data_dir outputs/calib \
         --output_dir outputs/params_w8a8c8 --scheme w8a8c8 --epochs 5
+
+MLA + MoE models can train the two halves of each block as separate jobs into one
+param dir (the seed's flow): ``--train_mode mla --cls c8`` then
+``--train_mode moe --cls bf16``, each on any block range.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import sys
 
 from cores.calibrator.dump import DumpError
-from cores.calibrator.params import ParamDirError
+from cores.calibrator.params import TRAIN_MODES, ParamDirError
 from cores.calibrator.trainer import TrainConfig, run_training, summarize
 from cores.models import UnsupportedModelError
 from cores.quantization import scheme_names
@@ -53,12 +57,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--lac", action=argparse.BooleanOptionalAction,
                    help="learn activation / KV clipping (default on)")
     p.add_argument("--epochs", "--epoch", dest="epochs", type=int, help="epochs per block (default 5)")
-    p.add_argument("--lr", "--base_lr", dest="lr", type=float, help="learning rate (default 1e-2)")
+    p.add_argument("--lr", "--base_lr", dest="lr", type=float,
+                   help="learning rate of the activation / KV clipping (default 1e-2)")
+    p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default: --lr)")
     p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=int, help="samples per step (default 1)")
     p.add_argument("--start_block_idx", type=int, help="first block (default 0)")
     p.add_argument("--end_block_idx", type=int, help="one past the last block (default: all)")
-    p.add_argument("--train_mode", choices=["block"], help="what trains jointly (default block)")
+    p.add_argument("--train_mode", choices=list(TRAIN_MODES),
+                   help="block: whole blocks (default); mla: the attention sub-block and its KV cache; "
+                        "moe: the MLP sub-block, each routed expert on its own tokens")
+    p.add_argument("--min_expert_tokens", type=int,
+                   help="moe: routed experts with fewer calibration tokens keep RTN weights (default 32)")
     p.add_argument("--rtn", action="store_true", default=None, help="round-to-nearest params, no training")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="inputs = outputs of the quantized blocks before (slower, compensates error)")
@@ -67,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     seed = p.add_argument_group("seed spellings", "accepted for compatibility; they map onto --scheme")
     seed.add_argument("--w_bits", type=int, choices=[4, 8])
     seed.add_argument("--a_bits", type=int)
-    seed.add_argument("--cls", choices=["c8", "bf16"], help="c8: 8-bit KV cache, bf16: none")
+    seed.add_argument("--cls", choices=["c8", "bf16"],
+                      help="c8: 8-bit KV cache, bf16: none (applies to block and mla; moe has no cache)")
     for name in ("--q_bits", "--k_bits", "--v_bits"):
         seed.add_argument(name, type=int, choices=[8], help="KV bits are set by --cls")
     a = p.parse_args(argv)
@@ -75,8 +86,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
     flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "kv_format", "group_size", "lwc",
-                                        "lac", "epochs", "lr", "weight_decay", "batch_size", "start_block_idx",
-                                        "end_block_idx", "train_mode", "rtn", "sequential", "seed")}
+                                        "lac", "epochs", "lr", "lwc_lr", "weight_decay", "batch_size", "start_block_idx",
+                                        "end_block_idx", "train_mode", "min_expert_tokens", "rtn", "sequential",
+                                        "seed")}
     flags.update(scheme=a.scheme or from_bits, device=parse_device(a.dev))
     cfg = build_config(TrainConfig, a.config, flags)
     return cfg, a

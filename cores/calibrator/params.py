@@ -1,14 +1,27 @@
-"""The param dir: learned quantization parameters, one file and one record per block.
+"""The param dir: learned quantization parameters, one file and one record per block and mode.
 
-``run.json`` says what the params were made from (model, dump, scheme, options);
-a run with different values is refused instead of mixed in. Block ``i`` is done
-when ``block_{i:03d}.json`` exists; it is written after the params file, both
-through a temporary name.
+A block is trained whole (train mode ``block``) or as two sub-blocks that may run
+as separate jobs into the same dir: ``mla`` (the attention sub-block and its KV
+cache quantizer) and ``moe`` (the MLP sub-block: routed experts, shared experts,
+or a dense MLP). Files, all written through a temporary name:
+
+- ``run.json``: what the params were made from (model, dump, weight and activation
+  settings, ignore list); every job must agree with it;
+- ``run_<mode>.json``: that mode's scheme and options (the KV cache belongs to
+  the mode that owns the attention: ``block`` or ``mla``; ``moe`` has none);
+- ``<mode>_{i:03d}.safetensors`` and ``<mode>_{i:03d}.json``: block ``i``'s
+  quantizer tensors and record; the record is written last and marks it done.
+
+A run with different values is refused instead of mixed in. Evaluation and
+deploy read one or several dirs as a :class:`ParamSet` (the seed's separate
+``--mla_param_path`` / ``--moe_param_path``): block ``i`` is complete when one of
+them has its ``block`` params, or its ``mla`` and its ``moe`` params.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -20,10 +33,37 @@ from ..utils.io import atomic_write_text
 from .quant_block import freeze, load_quant_state, quantize_block
 
 RUN_FILE = "run.json"
+TRAIN_MODES = ("block", "mla", "moe")
+SUB_BLOCK_MODES = ("mla", "moe")
+"""Modes that each cover part of a block; together they cover all of it."""
+MODE_KEYS = ("train_mode", "scheme", "rtn", "sequential")
+"""Identity fields that belong to one mode; the others are shared by every mode of a dir."""
+SCHEME_SHARED = ("w_bits", "w_granularity", "group_size", "a_bits", "act_mode")
+"""Scheme fields every mode of a dir must share (the KV cache is the attention's own)."""
 
 
 class ParamDirError(RuntimeError):
     """A param dir is missing, incomplete, or belongs to another run."""
+
+
+def split_identity(identity: dict) -> tuple[str, dict, dict]:
+    """``(mode, shared, mode_identity)`` of a run's full identity.
+
+    ``moe`` owns no attention, so its scheme is recorded without a KV cache.
+    """
+    mode = identity.get("train_mode", "block")
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"train_mode {mode!r}: choose one of {', '.join(TRAIN_MODES)}")
+    shared = {k: v for k, v in identity.items() if k not in MODE_KEYS}
+    shared["weights"] = {k: identity["scheme"][k] for k in SCHEME_SHARED}
+    own = {k: identity[k] for k in MODE_KEYS if k in identity}
+    if mode == "moe":
+        own["scheme"] = {**own["scheme"], "kv_bits": None, "kv_format": None}
+    return mode, shared, own
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 class ParamDir:
@@ -36,74 +76,174 @@ class ParamDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def params_path(self, idx: int) -> Path:
-        return self.path / f"block_{idx:03d}.safetensors"
+    def params_path(self, idx: int, mode: str = "block") -> Path:
+        return self.path / f"{mode}_{idx:03d}.safetensors"
 
-    def record_path(self, idx: int) -> Path:
-        return self.path / f"block_{idx:03d}.json"
+    def record_path(self, idx: int, mode: str = "block") -> Path:
+        return self.path / f"{mode}_{idx:03d}.json"
 
-    def identity(self) -> dict:
+    def shared_identity(self) -> dict:
         run = self.path / RUN_FILE
         if not run.is_file():
             raise ParamDirError(f"{run} is missing: {self.path} is not a param dir written by main.py")
         return json.loads(run.read_text())
 
+    def mode_identities(self) -> dict[str, dict]:
+        """``mode -> its identity`` for every mode that has written here."""
+        return {m: json.loads(p.read_text()) for m in TRAIN_MODES if (p := self.path / f"run_{m}.json").is_file()}
+
     def bind(self, identity: dict) -> None:
-        """Create the dir for ``identity``, or check that it already belongs to it.
+        """Create the dir for a run's ``identity``, or check that the dir already belongs to it.
+
+        ``identity`` holds ``train_mode``, ``scheme``, ``rtn`` and ``sequential``
+        beside the fields every mode shares. ``mla`` and ``moe`` runs may share a
+        dir (their weight and activation settings must agree); ``block`` and the
+        sub-block modes may not. Both files are written atomically and idempotently,
+        so concurrent jobs of any mode can bind at once.
 
         Raises:
             ParamDirError: naming each differing field.
         """
+        mode, shared, own = split_identity(identity)
+        again = "Use another --output_dir, or delete that folder to start over."
         if (self.path / RUN_FILE).is_file():
-            old = self.identity()
-            diff = [f"{k}: {old.get(k)!r} != {identity.get(k)!r}" for k in sorted(set(old) | set(identity))
-                    if old.get(k) != identity.get(k)]
+            diff = _differences(self.shared_identity(), shared)
             if diff:
-                raise ParamDirError(
-                    f"{self.path} holds params of another run ({'; '.join(diff)}). "
-                    "Use another --output_dir, or delete that folder to start over."
-                )
+                raise ParamDirError(f"{self.path} holds params of another run ({'; '.join(diff)}). {again}")
+        others = self.mode_identities()
+        clash = [m for m in others if (m == "block") != (mode == "block")]
+        if clash:
+            raise ParamDirError(f"{self.path} holds train_mode {clash[0]} params; train_mode {mode} cannot be mixed "
+                                f"with them (block trains the attention and the MLP jointly). {again}")
+        if mode in others:
+            diff = _differences(others[mode], own)
+            if diff:
+                raise ParamDirError(f"{self.path} holds {mode} params of another run ({'; '.join(diff)}). {again}")
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        if not (self.path / RUN_FILE).is_file():
+            atomic_write_text(self.path / RUN_FILE, json.dumps(shared, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.path / f"run_{mode}.json", json.dumps(own, indent=2, sort_keys=True) + "\n")
 
-    def is_done(self, idx: int) -> bool:
-        return self.record_path(idx).is_file()
+    def is_done(self, idx: int, mode: str = "block") -> bool:
+        return self.record_path(idx, mode).is_file()
 
-    def done_blocks(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("block_*.json"))
+    def done_blocks(self, mode: str = "block") -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.path.glob(f"{mode}_[0-9]*.json"))
 
-    def save_block(self, idx: int, state: dict[str, Tensor], record: dict) -> None:
-        tmp = self.path / f".{self.params_path(idx).name}.tmp"
+    def save_block(self, idx: int, state: dict[str, Tensor], record: dict, mode: str = "block") -> None:
+        tmp = self.path / f".{self.params_path(idx, mode).name}.tmp"
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(self.params_path(idx))
-        atomic_write_text(self.record_path(idx), json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.params_path(idx, mode))
+        atomic_write_text(self.record_path(idx, mode), json.dumps(record, indent=2) + "\n")
 
-    def load_block(self, idx: int) -> dict[str, Tensor]:
-        path = self.params_path(idx)
-        if not self.is_done(idx) or not path.is_file():
-            raise ParamDirError(f"block {idx} has no params in {self.path}: run main.py for it first")
+    def load_block(self, idx: int, mode: str = "block") -> dict[str, Tensor]:
+        path = self.params_path(idx, mode)
+        if not self.is_done(idx, mode) or not path.is_file():
+            raise ParamDirError(f"block {idx} has no {mode} params in {self.path}: run main.py for it first")
         try:
             return load_file(path)
         except SafetensorError as err:
-            raise ParamDirError(f"cannot read {path}: {err}; delete it and {self.record_path(idx).name}, "
+            raise ParamDirError(f"cannot read {path}: {err}; delete it and {self.record_path(idx, mode).name}, "
                                 "then rerun main.py for that block") from err
 
-    def records(self) -> list[dict]:
-        return [json.loads(self.record_path(i).read_text()) for i in self.done_blocks()]
+    def records(self, mode: str | None = None) -> list[dict]:
+        """Block records of ``mode`` (default: every mode present), in block order."""
+        modes = [mode] if mode else list(self.mode_identities()) or ["block"]
+        return [json.loads(self.record_path(i, m).read_text()) for m in modes for i in self.done_blocks(m)]
+
+    def files(self) -> list[Path]:
+        """Every params and record file, sorted."""
+        return sorted(p for m in TRAIN_MODES for p in self.path.glob(f"{m}_[0-9]*"))
+
+    # the read side, as one ParamSet of this dir
+    def identity(self) -> dict:
+        return ParamSet([self]).identity()
+
+    def scheme(self) -> QuantScheme:
+        return ParamSet([self]).scheme()
+
+    def check_model(self, fingerprint: str) -> None:
+        ParamSet([self]).check_model(fingerprint)
+
+    def block_transform(self, num_blocks: int, frozen: bool = True):
+        return ParamSet([self]).block_transform(num_blocks, frozen)
+
+
+class ParamSet:
+    """One or several param dirs of one model read as a whole (e.g. the ``mla`` and the ``moe`` dir).
+
+    Args:
+        dirs: the dirs; each mode may come from one of them only.
+
+    Raises:
+        ParamDirError: when the dirs disagree on the model, dump or weight settings,
+            or two of them hold the same mode.
+    """
+
+    def __init__(self, dirs: Sequence[ParamDir | str | Path]):
+        self.dirs = [d if isinstance(d, ParamDir) else ParamDir(d) for d in dirs]
+        if not self.dirs:
+            raise ValueError("ParamSet needs at least one param dir")
+        self.shared = self.dirs[0].shared_identity()
+        self.modes: dict[str, tuple[ParamDir, dict]] = {}
+        for d in self.dirs:
+            diff = _differences(self.shared, d.shared_identity())
+            if diff:
+                raise ParamDirError(f"{d.path} and {self.dirs[0].path} are params of different runs "
+                                    f"({'; '.join(diff)}); they cannot be combined")
+            for mode, own in d.mode_identities().items():
+                if mode in self.modes:
+                    raise ParamDirError(f"{self.modes[mode][0].path} and {d.path} both hold {mode} params; "
+                                        "pass one of them")
+                self.modes[mode] = (d, own)
+        if "block" in self.modes and set(self.modes) & set(SUB_BLOCK_MODES):
+            raise ParamDirError(f"{', '.join(str(d.path) for d in self.dirs)} mix block params with mla/moe params")
+        if not self.modes:
+            raise ParamDirError(f"{self.dirs[0].path} has no run_<mode>.json: no run of main.py has bound it")
+
+    @property
+    def paths(self) -> list[Path]:
+        return [d.path for d in self.dirs]
+
+    def identity(self) -> dict:
+        """The shared identity with the effective ``scheme`` (KV cache from ``block`` or ``mla``) and ``modes``."""
+        owner = self.modes.get("block") or self.modes.get("mla") or self.modes["moe"]
+        return {**self.shared, "scheme": owner[1]["scheme"], "modes": {m: own for m, (_, own) in self.modes.items()}}
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(**self.identity()["scheme"])
 
+    def files(self) -> list[Path]:
+        return [p for d in self.dirs for p in d.files()]
+
     def check_model(self, fingerprint: str) -> None:
-        theirs = self.identity().get("model_fingerprint")
+        theirs = self.shared.get("model_fingerprint")
         if theirs != fingerprint:
             raise ParamDirError(
-                f"{self.path} was trained on another model (fingerprint {theirs}, this model {fingerprint})"
+                f"{self.dirs[0].path} was trained on another model (fingerprint {theirs}, this model {fingerprint})"
             )
 
+    def missing(self, num_blocks: int) -> dict[str, list[int]]:
+        """``mode -> blocks without params`` for what the eval of all ``num_blocks`` still needs."""
+        needed = ("block",) if "block" in self.modes else SUB_BLOCK_MODES
+        out = {}
+        for mode in needed:
+            have = self.modes[mode][0] if mode in self.modes else None
+            gaps = [i for i in range(num_blocks) if have is None or not have.is_done(i, mode)]
+            if gaps:
+                out[mode] = gaps
+        return out
+
+    def load_block(self, idx: int) -> dict[str, Tensor]:
+        """Every quantizer tensor of block ``idx``, merged over the modes."""
+        state: dict[str, Tensor] = {}
+        for mode, (d, _) in self.modes.items():
+            state.update(d.load_block(idx, mode))
+        return state
+
     def block_transform(self, num_blocks: int, frozen: bool = True):
-        """``(idx, block) -> quantized block`` with this dir's params.
+        """``(idx, block) -> quantized block`` with these params.
 
         Args:
             num_blocks: blocks the model has; every one must have params.
@@ -113,17 +253,27 @@ class ParamDir:
         Raises:
             ParamDirError: when some block has no params yet.
         """
-        missing = [i for i in range(num_blocks) if not self.is_done(i)]
+        missing = self.missing(num_blocks)
         if missing:
-            raise ParamDirError(f"{self.path} has no params for blocks {_ranges(missing)}; run main.py for them")
+            where = ", ".join(str(p) for p in self.paths)
+            gaps = "; ".join(f"{mode} params for blocks {_ranges(blocks)}" for mode, blocks in missing.items())
+            raise ParamDirError(f"{where} has no {gaps}; run main.py for them")
         identity, scheme = self.identity(), self.scheme()
 
         def transform(idx: int, block: nn.Module) -> nn.Module:
             quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"])
-            load_quant_state(block, self.load_block(idx), str(self.params_path(idx)))
+            load_quant_state(block, self.load_block(idx), f"params of block {idx} in {', '.join(map(str, self.paths))}")
             return freeze(block) if frozen else block
 
         return transform
+
+
+def open_params(param_dir: str | Path | None = None, mla_param_path: str | Path | None = None,
+                moe_param_path: str | Path | None = None) -> ParamSet | None:
+    """The params an eval or deploy was given: ``--param_dir`` and/or the seed's two paths (None: none)."""
+    dirs = [p for p in (param_dir, mla_param_path, moe_param_path) if p is not None]
+    unique = list(dict.fromkeys(str(Path(p).resolve()) for p in dirs))
+    return ParamSet(unique) if unique else None
 
 
 def _ranges(indices: list[int]) -> str:

@@ -38,6 +38,7 @@ def quantize_block(
     ignore: Sequence[str] = DEFAULT_IGNORE,
     lwc: bool = True,
     lac: bool = True,
+    scope: str = "",
 ) -> nn.Module:
     """Swap quantizers into ``block`` in place; it is returned in ``FLOAT`` state.
 
@@ -47,10 +48,13 @@ def quantize_block(
         ignore: module-name patterns to keep in high precision.
         lwc: learn weight clipping.
         lac: learn clipping of static activation and KV scales.
+        scope: quantize only below this relative name prefix (``"self_attn."``,
+            ``"mlp.experts.3."``): one sub-block of a train mode; the rest stays float.
     """
-    device = next(block.parameters()).device
-    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac)
-    for module in block.modules():
+    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac, scope=scope)
+    for path, module in block.named_modules():
+        if not f"{path}.".startswith(scope):
+            continue
         for group in getattr(module, "shared_input_groups", ()):
             linears = [getattr(module, name) for name in group if isinstance(getattr(module, name), QuantLinear)]
             for linear in linears[1:]:
@@ -58,14 +62,21 @@ def quantize_block(
         if scheme.kv_bits is not None:
             for hook in CACHE_HOOKS:
                 if hasattr(module, hook):
+                    device = next(module.parameters()).device
                     setattr(module, hook, KVQuantizer(scheme.kv_format, lac=lac, device=device))
     return block
 
 
-def quant_state_dict(block: nn.Module) -> dict[str, Tensor]:
-    """The learned and calibrated quantizer tensors of ``block`` (no weights), on CPU."""
+def quant_state_dict(block: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """The learned and calibrated quantizer tensors of ``block`` (no weights), on CPU.
+
+    Args:
+        block: a quantized block or sub-module.
+        prefix: prepended to every name (a sub-module's name in its block).
+    """
     return {
-        k: v.detach().cpu().clone() for k, v in block.state_dict().items() if any(m in k for m in _STATE_MARKERS)
+        prefix + k: v.detach().cpu().clone()
+        for k, v in block.state_dict().items() if any(m in k for m in _STATE_MARKERS)
     }
 
 

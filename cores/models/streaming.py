@@ -174,11 +174,16 @@ class StreamingModel:
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
 
-    def load_block(self, idx: int) -> nn.Module:
+    def load_block(self, idx: int, skip: tuple[str, ...] = ()) -> nn.Module:
         """Build block ``idx`` on the meta device and fill it with its checkpoint tensors.
 
         A deployed (compressed-tensors) checkpoint gives the frozen quantized block
         that its tensors describe.
+
+        Args:
+            idx: block index.
+            skip: relative name prefixes (e.g. ``"mlp.experts."``) left unread, on
+                the meta device: :meth:`load_submodule` reads them one at a time.
         """
         if self.deployed:
             from ..deploy.loader import load_deployed_block
@@ -186,11 +191,23 @@ class StreamingModel:
             return load_deployed_block(self, idx)
         with torch.device("meta"):
             block = self.family.build_block(self.config, idx)
-        prefix = self.family.block_prefix(idx)
-        state = {
-            k: v for k, v in self.reader.read_prefix(prefix).items() if not k.endswith(_IGNORED_SUFFIXES)
-        }
-        expected = block.state_dict()
+        self._fill(idx, block, "", skip)
+        return block.eval().requires_grad_(False)
+
+    def load_submodule(self, idx: int, block: nn.Module, name: str) -> nn.Module:
+        """Read the tensors of ``name`` (e.g. ``"mlp.experts.3"``) of block ``idx`` into ``block``; returns it."""
+        module = block.get_submodule(name)
+        self._fill(idx, module, f"{name}.", ())
+        return module.eval().requires_grad_(False)
+
+    def _fill(self, idx: int, module: nn.Module, name: str, skip: tuple[str, ...]) -> None:
+        """Load ``module`` (block ``idx``'s sub-module at relative prefix ``name``) from the checkpoint."""
+        prefix = self.family.block_prefix(idx) + name
+        expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
+        keys = [k for k in self.reader.keys_with_prefix(prefix) if not k[len(prefix):].startswith(skip)]
+        if not keys:
+            raise CheckpointError(f"no tensor named {prefix}* in {self.reader.model_dir}")
+        state = {k[len(prefix):]: v for k, v in self.reader.read(keys).items() if not k.endswith(_IGNORED_SUFFIXES)}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -199,18 +216,17 @@ class StreamingModel:
                 f"(model_type {self.config.model_type!r}): missing {[prefix + k for k in missing]}, "
                 f"unexpected {[prefix + k for k in unexpected]}"
             )
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise CheckpointError(
-                    f"{prefix + name} in {self.reader.model_dir} has shape {tuple(tensor.shape)} but config.json "
-                    f"implies {tuple(expected[name].shape)}: the weights and config.json do not belong together"
+                    f"{prefix + key} in {self.reader.model_dir} has shape {tuple(tensor.shape)} but config.json "
+                    f"implies {tuple(expected[key].shape)}: the weights and config.json do not belong together"
                 )
         keep = self.family.fp32_suffixes
-        block.load_state_dict(
+        module.load_state_dict(
             {k: v.to(self.device, torch.float32 if keep and k.endswith(keep) else self.dtype) for k, v in state.items()},
-            assign=True,
+            assign=True, strict=not skip,
         )
-        return block.eval().requires_grad_(False)
 
     def _read_one(self, key: str) -> torch.Tensor:
         return self._to_device(self.reader.read([key])[key])

@@ -145,6 +145,7 @@ def quantize_linears(
     *,
     lwc: bool = True,
     lac: bool = True,
+    scope: str = "",
 ) -> dict[str, QuantLinear]:
     """Replace, in place, every ``nn.Linear`` below ``module`` not matched by ``ignore``.
 
@@ -155,6 +156,8 @@ def quantize_linears(
             see :func:`~cores.quantization.schemes.matches`).
         lwc: Learn weight clipping.
         lac: Learn activation clipping for static activations.
+        scope: Only layers whose relative name starts with this prefix (e.g.
+            ``"self_attn."``); names are still matched against ``ignore`` in full.
 
     Returns:
         The new layers by module-relative name, in ``FLOAT`` state.
@@ -166,7 +169,7 @@ def quantize_linears(
     targets = [
         (name, child)
         for name, child in module.named_modules()
-        if name and isinstance(child, nn.Linear) and not matches(name, ignore)
+        if name.startswith(scope) and isinstance(child, nn.Linear) and not matches(name, ignore)
     ]
     replaced: dict[str, QuantLinear] = {}
     for name, linear in targets:

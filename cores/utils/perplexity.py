@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ..calibrator.params import ParamDir
+from ..calibrator.params import open_params
 from ..models.streaming import BlockTransform, StreamingModel
 from .checkpoint import model_fingerprint
 from .data import load_text, ppl_windows
@@ -40,6 +40,8 @@ class PplConfig:
         max_windows: evaluate only the first N windows (None: all).
         offload_dir: keep hidden states in a file here instead of RAM.
         param_dir: evaluate the fake-quantized model with these learned params.
+        mla_param_path: params of ``--train_mode mla`` kept in a dir of their own (the seed's spelling).
+        moe_param_path: params of ``--train_mode moe`` kept in a dir of their own.
     """
 
     model: str
@@ -52,6 +54,8 @@ class PplConfig:
     max_windows: int | None = None
     offload_dir: str | None = None
     param_dir: str | None = None
+    mla_param_path: str | None = None
+    moe_param_path: str | None = None
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -92,11 +96,11 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
         ``tokens_per_s`` counts every token pushed through the model.
     """
     model = StreamingModel(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if cfg.param_dir is not None:
+    params = open_params(cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path)
+    if params is not None:
         if model.deployed:
             raise ValueError(f"{cfg.model} is a deployed (compressed-tensors) checkpoint: it already carries its "
                              "quantization; --param_dir applies to the float model it was made from")
-        params = ParamDir(cfg.param_dir)
         params.check_model(model_fingerprint(model.reader))
         block_transform = params.block_transform(model.num_blocks)
     max_pos = getattr(model.config, "max_position_embeddings", None)
