@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from cores.models.streaming import HiddenStore, StreamingModel, chunked_nll
-from cores.utils.checkpoint import CheckpointError, CheckpointReader, dequantize_fp8_blockwise
+from cores.utils.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    dequantize_fp8_blockwise,
+    fp8_e4m3_to_float,
+    iter_dequantize_fp8,
+)
 from cores.utils.tiny import fp8_twins, make_tiny_checkpoint, quantize_fp8_blockwise
 
 
@@ -49,6 +55,44 @@ def test_fp8_blockwise_roundtrip():
     assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3)
     deq = dequantize_fp8_blockwise(q, s).float()
     assert torch.allclose(deq, w, rtol=0.07, atol=1e-3)
+
+
+def test_fp8_to_float_is_torchs_cast_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ours, ref = fp8_e4m3_to_float(codes, torch.empty(256)), codes.float()
+    assert torch.equal(ours.isnan(), ref.isnan()) and ref.isnan().sum() == 2
+    assert torch.equal(ours[~ref.isnan()].view(torch.int32), ref[~ref.isnan()].view(torch.int32))  # -0.0 too
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (256, 128), (1, 5), (129, 257)])
+@pytest.mark.parametrize("chunk_elements", [1, 40_000, 1 << 20])
+def test_fp8_dequantization_in_chunks_is_the_product_rounded_once(shape, chunk_elements):
+    q, s = quantize_fp8_blockwise(torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3)
+    s = s * torch.rand(s.shape, generator=torch.Generator().manual_seed(1)) * 4
+    full_scale = s.repeat_interleave(128, 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
+    expected = (q.float() * full_scale).to(torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    for rows, values in iter_dequantize_fp8(q, s, chunk_elements=chunk_elements):
+        assert rows.start % 128 == 0
+        out[rows] = values
+    assert torch.equal(out, expected) and torch.equal(dequantize_fp8_blockwise(q, s), expected)
+
+
+def test_reader_specs_and_chunks_are_what_read_gives(ckpt, tmp_path):
+    fp8_dir, _ = fp8_twins(ckpt, tmp_path / "fp8", tmp_path / "bf16")
+    reader = CheckpointReader(fp8_dir)
+    keys = [k for k in reader.keys if not k.endswith("_scale_inv")]
+    whole = reader.read(keys)
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for key, piece in reader.iter_chunks(keys, chunk_elements=1):
+        pieces.setdefault(key, []).append(piece.clone())
+    assert list(pieces) == keys
+    for key in keys:
+        assert reader.spec(key) == (whole[key].dtype, tuple(whole[key].shape))
+        assert torch.equal(torch.cat(pieces[key]) if len(pieces[key]) > 1 else pieces[key][0], whole[key])
+    fp8 = next(k for k in keys if reader.has(k + "_scale_inv"))
+    raw = reader.read([fp8], dequantize=False)
+    assert raw.keys() == {fp8, fp8 + "_scale_inv"} and raw[fp8].dtype == torch.float8_e4m3fn
 
 
 def test_fp8_checkpoint_equals_bf16_twin(ckpt, tmp_path, ids):

@@ -1,17 +1,27 @@
 """Quantized export: every block becomes its deployed tensors, one block at a time.
 
 For each block the quantized block is built exactly as the fake-quant evaluation
-builds it (the quantizers of ``ParamDir.block_transform``, or round-to-nearest); every
-:class:`QuantLinear` named ``N`` yields ``N.<name>`` for each of its
-``get_qparams()`` (``weight``/``weight_packed``, ``weight_scale``,
-``weight_shape``, ``input_scale``), every KV quantizer on an attention cache hook
-yields ``<attn>.k_scale`` / ``<attn>.v_scale``, and every other tensor of the
+builds it (the quantizers of ``ParamDir.block_transform``, or round-to-nearest);
+every :class:`QuantLinear` named ``N`` yields ``N.<name>`` for each of its
+qparams (``weight``/``weight_packed``, ``weight_scale``, ``weight_shape``,
+``input_scale``), every KV quantizer on an attention cache hook yields the scales
+of :data:`~cores.deploy.format.KV_SCALE_NAMES`, and every other tensor of the
 block is passed through from the source as stored (FP8 dequantized to bf16).
+
+The layout is planned first, from every block built on the meta device (no
+weight read): the tensors' names, dtypes and shapes, in the order they are made,
+cut into shards. A scheme that does not fit the model (a group size that does not
+divide a dim) is refused there, before anything is written. Then each block is
+read as stored (bf16 stays bf16, a view of the memory-mapped shard) and each of
+its weights is quantized once, a run of rows at a time: the codes go straight
+into their shard and are checked against the source rows while both are in cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Set
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -19,52 +29,100 @@ from tqdm.auto import tqdm
 
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
-from ..quantization import KVQuantizer, QuantLinear, QuantScheme
-from ..utils.checkpoint import SCALE_INV_SUFFIX
+from ..quantization import KVQuantizer, QuantLinear, QuantScheme, Workspace
+from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
 from .format import KV_SCALE_NAMES
-from .writer import ShardWriter, StagedOutput
+from .verify import WeightCheck
+from .writer import ShardedWriter, StagedOutput, TensorSpec, cut_into_shards, shard_names
 
-Unit = tuple[str, Callable[[], dict[str, Tensor]]]
+
+@dataclass
+class Entry:
+    """Output tensors made together (one source tensor, one linear's qparams, one KV scale) and how."""
+
+    specs: list[TensorSpec]
+    write: Callable[[ShardedWriter], None]
 
 
-def plan_linears(model: StreamingModel, scheme: QuantScheme, ignore: list[str]) -> tuple[list[str], list[str]]:
-    """Full names of the linears that ``scheme`` quantizes and of those it leaves alone.
+def source_entry(reader: CheckpointReader, keys: list[str], check: Set[str] = frozenset()) -> Entry:
+    """Source tensors ``keys`` as read (FP8 weights dequantized a few rows at a time), read together.
 
-    Builds every block on the meta device (no weights read), so a scheme that
-    does not fit the model (e.g. a group size that does not divide a dim) is
-    refused before anything is written. ``lm_head`` always stays in high precision.
-
-    Raises:
-        ValueError: Naming the layer a scheme cannot take.
+    Args:
+        reader: The source.
+        keys: Tensor names.
+        check: Those of ``keys`` whose values to check (bf16 weights dequantized from FP8).
     """
-    quantized, kept = [], [model.family.lm_head_key.removesuffix(".weight")]
-    for idx in range(model.num_blocks):
-        prefix = model.family.block_prefix(idx)
-        with torch.device("meta"):
-            block = quantize_block(model.family.build_block(model.config, idx), scheme, ignore, False, False)
-        for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                quantized.append(prefix + name)
-            elif isinstance(module, nn.Linear):
-                kept.append(prefix + name)
-    return quantized, kept
+    specs = [TensorSpec(key, *reader.spec(key)) for key in keys]
+    checks = {s.name: s for s in specs if s.name in check}
+
+    def write(writer: ShardedWriter) -> None:
+        rows = dict.fromkeys(checks, 0)
+        weight_checks = {key: WeightCheck(key, 16) for key in checks}
+        for key, piece in reader.iter_chunks([k for k in keys if writer.wanted(k)]):
+            if key in weight_checks:
+                weight_checks[key].update_values(piece)
+                rows[key] += piece.shape[0]
+                if rows[key] == checks[key].shape[0]:
+                    writer.add_check(key, weight_checks[key].result())
+            writer.write(key, piece)
+
+    return Entry(specs, write)
 
 
-def block_tensors(model: StreamingModel, idx: int, transform: BlockTransform) -> dict[str, Tensor]:
-    """The deployed tensors of block ``idx``, by full name."""
-    prefix = model.family.block_prefix(idx)
-    block = transform(idx, model.load_block(idx))
-    out: dict[str, Tensor] = {}
-    replaced = set()
+def _tensor_entry(name: str, tensor: Tensor) -> Entry:
+    return Entry([TensorSpec.of(name, tensor)], lambda writer: writer.write(name, tensor))
+
+
+def _linear_entry(name: str, linear: QuantLinear, check: bool, workspace: Workspace) -> Entry:
+    """The qparams of ``linear`` (full name ``name``): codes streamed in runs of rows, then scales."""
+    quantizer = linear.weight_quantizer
+    inputs = {} if linear.input_quantizer is None else linear.input_quantizer.get_qparams()
+    specs = [TensorSpec(f"{name}.{k}", dtype, shape) for k, (dtype, shape) in quantizer.qparam_specs().items()]
+    specs += [TensorSpec.of(f"{name}.{k}", v) for k, v in inputs.items()]
+
+    def write(writer: ShardedWriter) -> None:
+        weight_check = WeightCheck(name, quantizer.bits, workspace) if check else None
+        rows = math.prod(quantizer.shape[:-1])
+        for key, tensor, chunk in quantizer.iter_qparams(linear.weight, workspace):
+            if chunk is not None and weight_check is not None:  # the codes written (W4: before packing)
+                weight_check.update(chunk.weight, chunk.codes, chunk.scale)
+                if chunk.rows.stop == rows:
+                    writer.add_check(f"{name}.{key}", weight_check.result())
+            writer.write(f"{name}.{key}", tensor)
+        for key, tensor in inputs.items():
+            writer.write(f"{name}.{key}", tensor)
+
+    return Entry(specs, write)
+
+
+def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check: Set[str] = frozenset(),
+                  workspace: Workspace | None = None) -> list[Entry]:
+    """The deployed tensors of a quantized block (real, or on the meta device for the plan), in output order.
+
+    Args:
+        block: The block after the quantizing transform.
+        prefix: Its name prefix (``model.layers.3.``).
+        reader: The source, for the tensors passed through.
+        check: Full names of the linears to verify.
+        workspace: Scratch buffers of the chunked quantization (keep one for every block).
+    """
+    workspace = Workspace() if workspace is None else workspace
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    replaced = {f"{prefix}{name}.weight" for name in linears}
+    entries = [source_entry(reader, [key for key in reader.keys_with_prefix(prefix) if key not in replaced])]
     for name, module in block.named_modules():
-        if isinstance(module, QuantLinear):
-            replaced.add(f"{prefix}{name}.weight")
-            out.update({f"{prefix}{name}.{k}": v.cpu() for k, v in module.get_qparams().items()})
-        for hook, scale_name in KV_SCALE_NAMES.items():
-            if isinstance(getattr(module, hook, None), KVQuantizer):
-                out[f"{prefix}{name}.{scale_name}"] = getattr(module, hook).get_qparams()["scale"].cpu()
-    kept = [k for k in model.reader.keys_with_prefix(prefix) if k not in replaced]
-    return {**model.reader.read(kept), **out}
+        if name in linears:
+            entries.append(_linear_entry(prefix + name, module, prefix + name in check, workspace))
+        for hook, scale_names in KV_SCALE_NAMES.items():
+            quantizer = getattr(module, hook, None)
+            if isinstance(quantizer, KVQuantizer):
+                scale = quantizer.get_qparams()["scale"]
+                entries += [_tensor_entry(prefix + ".".join(filter(None, (name, s))), scale) for s in scale_names]
+    return entries
+
+
+def _specs(entries: list[Entry]) -> list[TensorSpec]:
+    return [spec for entry in entries for spec in entry.specs]
 
 
 def _in_a_block(key: str, model: StreamingModel) -> bool:
@@ -74,27 +132,78 @@ def _in_a_block(key: str, model: StreamingModel) -> bool:
     return not head and idx.isdigit() and int(idx) < model.num_blocks
 
 
-def units(model: StreamingModel, transform: BlockTransform) -> Iterator[Unit]:
-    """``(label, produce)`` for each tensor outside the blocks, then for each block."""
-    for key in model.reader.keys:
-        if not _in_a_block(key, model) and not key.endswith(SCALE_INV_SUFFIX):
-            yield f"{key}: copy", lambda key=key: model.reader.read([key])
+@dataclass
+class ExportPlan:
+    """The planned output of a quantized deploy.
+
+    Attributes:
+        units: What to make, in order: ``(label, entry)``, one per tensor outside the blocks and one per block.
+        quantized: Full names of the linears the scheme quantizes.
+        kept: Full names of the linears left in high precision (``lm_head`` included).
+        check: Full names of the linears to verify while they are written (default: all quantized).
+    """
+
+    units: list[tuple[str, Entry]] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    check: set[str] = field(default_factory=set)
+
+
+def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], transform: BlockTransform) -> ExportPlan:
+    """Every unit of a quantized deploy, with the tensors it makes; every block is built on the meta device.
+
+    Args:
+        model: The source.
+        scheme: The scheme.
+        ignore: Module-name patterns kept in high precision.
+        transform: ``(idx, block) -> quantized block`` (learned params or round-to-nearest).
+
+    Raises:
+        ValueError: Naming the layer a scheme cannot take.
+    """
+    reader, family = model.reader, model.family
+    plan = ExportPlan(kept=[family.lm_head_key.removesuffix(".weight")])
+    plan.units = [(f"{key}: copy", source_entry(reader, [key])) for key in reader.keys
+                  if not _in_a_block(key, model) and not key.endswith(SCALE_INV_SUFFIX)]
+    block_specs = []
     for idx in range(model.num_blocks):
-        yield f"block {idx + 1}/{model.num_blocks}: deploy", lambda idx=idx: block_tensors(model, idx, transform)
+        prefix = family.block_prefix(idx)
+        with torch.device("meta"):
+            block = quantize_block(family.build_block(model.config, idx), scheme, ignore, False, False)
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                plan.quantized.append(prefix + name)
+            elif isinstance(module, nn.Linear):
+                plan.kept.append(prefix + name)
+        block_specs.append(_specs(block_entries(block, prefix, reader)))
+    plan.check = set(plan.quantized)
+    workspace = Workspace()
+
+    def write_block(idx: int, writer: ShardedWriter) -> None:
+        prefix = family.block_prefix(idx)
+        entries = block_entries(transform(idx, model.load_block(idx)), prefix, reader, plan.check, workspace)
+        if _specs(entries) != block_specs[idx]:
+            raise RuntimeError(f"block {idx}: the quantized block does not make the planned tensors")
+        for entry in entries:
+            if any(writer.wanted(spec.name) for spec in entry.specs):
+                entry.write(writer)
+
+    plan.units += [(f"block {idx + 1}/{model.num_blocks}: deploy", Entry(specs, lambda w, idx=idx: write_block(idx, w)))
+                   for idx, specs in enumerate(block_specs)]
+    return plan
 
 
-def export_quantized(model: StreamingModel, transform: BlockTransform, staged: StagedOutput,
-                     max_shard_bytes: int) -> dict[str, str]:
-    """Write every unit through a :class:`ShardWriter`; units recorded as done are skipped.
+def export_units(units: list[tuple[str, Entry]], staged: StagedOutput, max_shard_bytes: int) -> dict[str, str]:
+    """Cut the planned tensors into shards and write every unit that still has tensors to write.
 
     Returns:
         The weight map of the written index.
     """
-    writer = ShardWriter(staged, max_shard_bytes)
-    plan = list(units(model, transform))
-    with tqdm(plan, unit="unit") as bar:
-        for i, (label, produce) in enumerate(bar):
+    shards = cut_into_shards([spec for _, unit in units for spec in unit.specs], max_shard_bytes)
+    writer = ShardedWriter(staged, list(zip(shard_names(len(shards)), shards)))
+    with tqdm(units, unit="unit") as bar:
+        for label, unit in bar:
             bar.set_description(label)
-            if i >= staged.units_done:
-                writer.add(i, produce())
-    return writer.finish(len(plan))
+            if any(writer.wanted(spec.name) for spec in unit.specs):
+                unit.write(writer)
+    return writer.finish()

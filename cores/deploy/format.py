@@ -29,8 +29,8 @@ from ..quantization import QuantScheme, get_scheme, unpack_int4
 from ..utils.checkpoint import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
-KV_SCALE_NAMES = {"k_cache_quant": "k_scale", "v_cache_quant": "v_scale"}
-"""Cache hook of an attention module -> name of its deployed scale."""
+KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {"k_cache_quant": ("k_scale",), "v_cache_quant": ("v_scale",)}
+"""Cache hook of an attention module -> names of its deployed scale (each holds the same value)."""
 
 FORMAT_BY_BITS = {8: "int-quantized", 4: "pack-quantized"}
 WEIGHT_NAMES = {8: ("weight", "weight_scale"), 4: ("weight_packed", "weight_scale", "weight_shape")}
@@ -176,7 +176,14 @@ def weight_codes(tensors: Mapping[str, Tensor], prefix: str, bits: int, where: s
     return unpack_int4(tensors[prefix + "weight_packed"], tensors[prefix + "weight_shape"].tolist()), scale
 
 
-def dequantize_codes(codes: Tensor, scale: Tensor) -> Tensor:
-    """fp32 weight ``codes * scale``, one scale per row (``[out, 1]``) or per group (``[out, in / g]``)."""
-    groups = codes.float().reshape(*scale.shape, -1) * scale.float().unsqueeze(-1)
-    return groups.reshape(codes.shape)
+def dequantize_codes(codes: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """fp32 weight ``codes * scale``, one scale per row (``[out, 1]``) or per group (``[out, in / g]``).
+
+    Args:
+        codes: Integer codes.
+        scale: Scales; each covers ``codes.numel() / scale.numel()`` consecutive codes.
+        out: fp32 tensor shaped like ``codes`` to write into (and return).
+    """
+    out = torch.empty(codes.shape, device=codes.device) if out is None else out
+    out.copy_(codes).view(*scale.shape, -1).mul_(scale.float().unsqueeze(-1))
+    return out

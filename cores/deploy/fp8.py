@@ -2,16 +2,19 @@
 
 Each output shard holds the tensors of the input shard of the same name, every
 FP8 weight multiplied out with its 128x128 ``weight_scale_inv`` to bf16 (the
-scales dropped), every other tensor unchanged. Memory: one output shard (twice
-its FP8 input) plus one tensor.
+scales dropped), every other tensor unchanged. FP8 weights are converted and
+written a few tile rows at a time: memory is a few buffers, whatever the shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tqdm.auto import tqdm
 
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
-from .writer import DeployError, StagedOutput
+from .export import source_entry
+from .writer import DeployError, ShardedWriter, StagedOutput
 
 
 def fp8_weights(reader: CheckpointReader) -> list[str]:
@@ -27,8 +30,13 @@ def bf16_config(config: dict) -> dict:
     return out
 
 
-def export_bf16(reader: CheckpointReader, staged: StagedOutput) -> dict[str, str]:
+def export_bf16(reader: CheckpointReader, staged: StagedOutput, check: Iterable[str] | None = None) -> dict[str, str]:
     """Write the dequantized shards; shards recorded as done are skipped.
+
+    Args:
+        reader: The FP8 source.
+        staged: The staged output.
+        check: Names of the FP8 weights to check (None: all).
 
     Raises:
         DeployError: When the source holds no FP8 weight.
@@ -36,14 +44,19 @@ def export_bf16(reader: CheckpointReader, staged: StagedOutput) -> dict[str, str
     Returns:
         The weight map of the written index.
     """
-    if not fp8_weights(reader):
+    fp8 = fp8_weights(reader)
+    if not fp8:
         raise DeployError(f"{reader.model_dir} holds no FP8 weights (no *{SCALE_INV_SUFFIX} tensors): "
                           "bfloat16 converts FP8 checkpoints; this one can be used as it is")
-    shards = sorted(set(reader.weight_map.values()))
+    check = set(fp8 if check is None else check)
+    shards = []
+    for shard in sorted(set(reader.weight_map.values())):
+        keys = [k for k, f in reader.weight_map.items() if f == shard and not k.endswith(SCALE_INV_SUFFIX)]
+        if keys:
+            shards.append((shard, source_entry(reader, keys, check)))
+    writer = ShardedWriter(staged, [(shard, entry.specs) for shard, entry in shards])
     with tqdm(shards, unit="shard") as bar:
-        for i, shard in enumerate(bar):
+        for i, (_, entry) in enumerate(bar):
             bar.set_description(f"shard {i + 1}/{len(shards)}: bfloat16")
-            if i >= staged.units_done:
-                keys = [k for k, f in reader.weight_map.items() if f == shard and not k.endswith(SCALE_INV_SUFFIX)]
-                staged.write_shard(shard, {k: reader.read([k])[k] for k in keys}, i + 1)  # FP8 freed per tensor
-    return staged.write_index()
+            entry.write(writer)
+    return writer.finish()

@@ -96,9 +96,13 @@ def load_deployed_block(model: StreamingModel, idx: int) -> nn.Module:
     kv_scales = {}
     if scheme.kv_bits is not None:
         for name, module in block.named_modules():
-            for hook, scale_name in KV_SCALE_NAMES.items():
+            for hook, scale_names in KV_SCALE_NAMES.items():
                 if hasattr(module, hook):
-                    kv_scales[(name, hook)] = _take(stored, f"{name}.{scale_name}".lstrip("."), where)
+                    scales = [_take(stored, ".".join(filter(None, (name, s))), where) for s in scale_names]
+                    if any(not torch.equal(scales[0], other) for other in scales[1:]):
+                        raise CheckpointError(f"{where}: {', '.join(scale_names)} of {name} differ; "
+                                              "they are one scale of one cache")
+                    kv_scales[(name, hook)] = scales[0]
     expected = block.state_dict()
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:

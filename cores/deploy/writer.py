@@ -1,10 +1,18 @@
 """A checkpoint folder written shard by shard, staged beside its destination.
 
+The layout is planned before anything is written: every output tensor's name,
+dtype and shape (:class:`TensorSpec`), cut into shards. A shard is then a
+safetensors file whose header goes first and whose tensors are streamed into
+their places piece by piece (a run of rows at a time) as they are produced, so
+no output tensor is ever held whole.
+
 Everything goes to ``<out>.partial``; each shard is written under a temporary
-name and renamed, then recorded in ``deploy_progress.json`` together with the
-settings that produced it. Only a complete folder is renamed to ``<out>``, so a
-folder under the final name is always complete. A rerun with the same settings
-resumes after the last recorded shard; a rerun with other settings starts over.
+name and renamed when complete, then recorded in ``deploy_progress.json``
+together with the settings that produced it and the verification of its
+tensors. Only a complete folder is renamed to ``<out>``, so a folder under the
+final name is always complete. A rerun with the same settings (and so the same
+plan) resumes: recorded shards are kept and their tensors not produced again; a
+rerun with other settings starts over.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ import logging
 import os
 import re
 import shutil
+import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 from torch import Tensor
 
-from ..utils.checkpoint import INDEX_NAME
+from ..utils.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, read_safetensors_header
 from ..utils.io import atomic_write_text
+from .verify import TensorCheck
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +40,7 @@ REPORT_NAME = "deploy_report.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class DeployError(RuntimeError):
@@ -47,8 +59,108 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
-def tensor_bytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one output tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> TensorSpec:
+        return cls(name, tensor.dtype, tuple(tensor.shape))
+
+
+def cut_into_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive runs of ``specs`` of at most ``max_bytes`` each (a larger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(count: int) -> list[str]:
+    """``model-00001-of-0000N.safetensors`` ... as ``transformers`` names shards."""
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _as_bytes(tensor: Tensor):
+    """The raw bytes of ``tensor`` (native byte order) as a numpy array, without a copy when contiguous on CPU."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class ShardFile:
+    """One safetensors file whose tensors arrive piece by piece.
+
+    The header is written first; the data of each tensor is placed at its offset
+    as its pieces (consecutive runs of its rows) arrive. Tensors are laid out by
+    decreasing element size, so every one starts at a multiple of its element size.
+
+    Args:
+        path: The final file name; data goes to a hidden temporary name until :meth:`close`.
+        specs: The tensors, in the order they will be written.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec]):
+        self.path, self.specs = path, {s.name: s for s in specs}
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        header: dict = {"__metadata__": {"format": "pt"}}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for spec in sorted(specs, key=lambda s: -s.dtype.itemsize):  # stable: plan order within a size
+            header[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            self.offsets[spec.name] = offset
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header, self.data_start, self.size = header, 8 + len(raw), 8 + len(raw) + offset
+        self.written = dict.fromkeys(self.specs, 0)
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, piece: Tensor) -> bool:
+        """Append ``piece`` to tensor ``name``; returns whether the tensor is complete.
+
+        Raises:
+            DeployError: When the piece's dtype differs from the plan or overruns the tensor.
+        """
+        spec, done = self.specs[name], self.written[name]
+        nbytes = piece.numel() * piece.element_size()
+        if piece.dtype != spec.dtype or done + nbytes > spec.nbytes:
+            raise DeployError(f"{name}: got {nbytes} bytes of {piece.dtype} after {done}, but the plan has "
+                              f"{spec.nbytes} bytes of {spec.dtype} {list(spec.shape)}")
+        self.file.seek(self.data_start + self.offsets[name] + done)
+        self.file.write(_as_bytes(piece))
+        self.written[name] = done + nbytes
+        return self.written[name] == spec.nbytes
+
+    @property
+    def complete(self) -> bool:
+        return all(self.written[n] == s.nbytes for n, s in self.specs.items())
+
+    def close(self) -> None:
+        """Check that every tensor arrived whole and the file reads back as planned, then rename it."""
+        self.file.close()
+        missing = [n for n, s in self.specs.items() if self.written[n] != s.nbytes]
+        if missing:
+            raise DeployError(f"{self.path.name}: tensors {missing[:4]} were not written whole")
+        if self.tmp.stat().st_size != self.size or read_safetensors_header(self.tmp) != self.header:
+            raise DeployError(f"{self.tmp} does not read back as written")
+        self.tmp.replace(self.path)
 
 
 class StagedOutput:
@@ -71,7 +183,7 @@ class StagedOutput:
         self.identity = json.loads(json.dumps(identity))
         if self.out.exists() and not overwrite:
             raise DeployError(f"{self.out} exists; pass --overwrite to replace it, or choose another output path")
-        self.progress = {"identity": self.identity, "shards": [], "units_done": 0}
+        self.progress = {"identity": self.identity, "shards": []}
         progress_path = self.partial / PROGRESS_NAME
         if progress_path.is_file():
             old = json.loads(progress_path.read_text())
@@ -80,37 +192,35 @@ class StagedOutput:
                 log.info("resuming %s: %d shard(s) written before", self.partial, len(old["shards"]))
             else:
                 log.warning("%s was staged with other inputs or settings: starting over", self.partial)
-                shutil.rmtree(self.partial)
+                self.discard()
         elif self.partial.exists() and any(self.partial.iterdir()):
             raise DeployError(f"{self.partial} exists but was not made by deploy.py; move or delete it")
         self.partial.mkdir(parents=True, exist_ok=True)
-        self.done_keys = {k for shard in self.progress["shards"] for k in shard["keys"]}
+
+    def discard(self) -> None:
+        """Forget every recorded shard and start from an empty staging folder."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        self.progress = {"identity": self.identity, "shards": []}
 
     @property
-    def units_done(self) -> int:
-        """Leading units whose tensors are all in recorded shards."""
-        return self.progress["units_done"]
+    def shards(self) -> dict[str, dict]:
+        """Recorded shards: file name -> ``{"keys", "bytes", "checks"}``."""
+        return {s["file"]: s for s in self.progress["shards"]}
 
     @property
     def shard_files(self) -> list[str]:
         return [s["file"] for s in self.progress["shards"]]
 
-    def write_shard(self, name: str, tensors: dict[str, Tensor], units_done: int) -> None:
-        """Write one shard atomically and record it.
-
-        Args:
-            name: File name inside the folder.
-            tensors: Its tensors.
-            units_done: Leading units complete once this shard is written.
-        """
-        tmp = self.partial / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(self.partial / name)
-        self.progress["shards"].append({"file": name, "keys": list(tensors),
-                                        "bytes": sum(tensor_bytes(t) for t in tensors.values())})
-        self.progress["units_done"] = units_done
-        self.done_keys.update(tensors)
+    def record_shard(self, name: str, specs: list[TensorSpec], checks: list[TensorCheck]) -> None:
+        """Record a shard (already in the folder under ``name``) with the checks of its tensors."""
+        self.progress["shards"].append({"file": name, "keys": [s.name for s in specs],
+                                        "bytes": sum(s.nbytes for s in specs), "checks": [asdict(c) for c in checks]})
         atomic_write_text(self.partial / PROGRESS_NAME, json.dumps(self.progress) + "\n")
+
+    def checks(self) -> list[TensorCheck]:
+        """The checks of every recorded shard, in shard order."""
+        return [TensorCheck(**c) for s in self.progress["shards"] for c in s["checks"]]
 
     def copy_side_files(self, source: Path) -> None:
         """Copy tokenizer, generation config, chat template, remote code ... (every top-level file
@@ -120,22 +230,10 @@ class StagedOutput:
                     and not path.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(path, self.partial / path.name)
 
-    def write_index(self, renames: dict[str, str] | None = None) -> dict[str, str]:
-        """Rename shards (``renames``: staged -> final name) and write the index.
-
-        Safe to repeat after a crash: a shard already renamed is left alone.
-
-        Returns:
-            The index's weight map.
-        """
-        renames = renames or {}
-        for old, new in renames.items():
-            if (self.partial / old).exists():
-                (self.partial / old).replace(self.partial / new)
-        weight_map = {}
-        for shard in self.progress["shards"]:
-            weight_map.update(dict.fromkeys(shard["keys"], renames.get(shard["file"], shard["file"])))
-        total = sum(shard["bytes"] for shard in self.progress["shards"])  # tensor bytes, as transformers counts
+    def write_index(self) -> dict[str, str]:
+        """Write the index of the recorded shards; returns its weight map."""
+        weight_map = {k: s["file"] for s in self.progress["shards"] for k in s["keys"]}
+        total = sum(s["bytes"] for s in self.progress["shards"])  # tensor bytes, as transformers counts
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_text(self.partial / INDEX_NAME, json.dumps(index, indent=2) + "\n")
         return weight_map
@@ -162,50 +260,70 @@ class StagedOutput:
         return self.out
 
 
-class ShardWriter:
-    """Collects tensors into shards of at most ``max_bytes`` and writes each as it fills.
+class ShardedWriter:
+    """Streams planned tensors into their shards, in plan order.
 
-    Tensors are added unit by unit (a unit is a block or one tensor outside the
-    blocks); tensors already in recorded shards are skipped, so a resumed run
-    rebuilds only what is missing. A tensor larger than ``max_bytes`` gets a shard
-    of its own. Shards are staged as ``model-00001.safetensors`` ... and renamed
-    to ``model-00001-of-0000N.safetensors`` by :meth:`finish`.
+    Pieces of the tensors of each shard are written as they arrive; a shard is
+    closed, renamed and recorded as soon as its last tensor is complete. Tensors
+    of shards recorded by an earlier run are skipped (:meth:`wanted` says which
+    ones to produce at all).
 
     Args:
-        staged: The staged folder.
-        max_bytes: Shard size limit.
+        staged: The staged folder; recorded shards that do not match the plan
+            make it start over.
+        shards: ``(file name, tensors)`` of every shard, in order.
     """
 
-    def __init__(self, staged: StagedOutput, max_bytes: int):
-        self.staged, self.max_bytes = staged, max_bytes
-        self.buffer: dict[str, Tensor] = {}
-        self.size = 0
+    def __init__(self, staged: StagedOutput, shards: list[tuple[str, list[TensorSpec]]]):
+        self.staged, self.shards = staged, shards
+        self.where = {spec.name: i for i, (_, specs) in enumerate(shards) for spec in specs}
+        planned = {name: [s.name for s in specs] for name, specs in shards}
+        if any(planned.get(f) != s["keys"] or not (staged.partial / f).is_file() for f, s in staged.shards.items()):
+            log.warning("%s holds shards of another layout, or lost some: starting over", staged.partial)
+            staged.discard()
+        self.done = {i for i, (name, _) in enumerate(shards) if name in staged.shards}
+        self.current: tuple[int, ShardFile] | None = None
+        self.checks: dict[str, TensorCheck] = {}
 
-    def add(self, unit: int, tensors: dict[str, Tensor]) -> None:
-        """Add the tensors of ``unit`` (units come in increasing order)."""
-        for key, tensor in tensors.items():
-            if key in self.staged.done_keys:
-                continue
-            nbytes = tensor_bytes(tensor)
-            if self.buffer and self.size + nbytes > self.max_bytes:
-                self._flush(unit)
-            self.buffer[key] = tensor
-            self.size += nbytes
+    def wanted(self, name: str) -> bool:
+        """Whether tensor ``name`` still has to be written."""
+        return self.where[name] not in self.done
 
-    def _flush(self, units_done: int) -> None:
-        self.staged.write_shard(f"model-{len(self.staged.shard_files) + 1:05d}.safetensors", self.buffer, units_done)
-        self.buffer, self.size = {}, 0
+    def add_check(self, name: str, check: TensorCheck) -> None:
+        """Record ``check`` with the shard of tensor ``name``; call it before that tensor's last piece."""
+        if self.wanted(name):
+            self.checks[name] = check
 
-    def finish(self, units: int) -> dict[str, str]:
-        """Write the last shard, give every shard its final name, write the index.
+    def write(self, name: str, piece: Tensor) -> None:
+        """Append ``piece`` (the whole tensor, or its next run of rows) to tensor ``name``.
 
-        Args:
-            units: The total number of units.
-
-        Returns:
-            The index's weight map.
+        Raises:
+            DeployError: When tensors arrive out of plan order or do not match it.
         """
-        if self.buffer:
-            self._flush(units)
-        files = self.staged.shard_files
-        return self.staged.write_index({f: f"{f[:-12]}-of-{len(files):05d}.safetensors" for f in files})
+        index = self.where.get(name)
+        if index is None:
+            raise DeployError(f"{name} is not in the planned layout")
+        if index in self.done:
+            return
+        if self.current is None or self.current[0] != index:
+            if self.current is not None:
+                raise DeployError(f"{name} arrived before {self.shards[self.current[0]][0]} was complete")
+            self.current = index, ShardFile(self.staged.partial / self.shards[index][0], self.shards[index][1])
+        shard = self.current[1]
+        if shard.write(name, piece) and shard.complete:
+            shard.close()
+            name_, specs = self.shards[index]
+            self.staged.record_shard(name_, specs, [self.checks.pop(s.name) for s in specs if s.name in self.checks])
+            self.done.add(index)
+            self.current = None
+
+    def finish(self) -> dict[str, str]:
+        """Check that every shard is written, then write the index; returns its weight map.
+
+        Raises:
+            DeployError: Naming a shard some of whose tensors never arrived.
+        """
+        missing = [name for i, (name, _) in enumerate(self.shards) if i not in self.done]
+        if missing:
+            raise DeployError(f"shards {missing} were not completed")
+        return self.staged.write_index()

@@ -27,6 +27,29 @@ FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 """Largest finite float8-e4m3fn value (448)."""
 
 
+class Workspace:
+    """Scratch tensors kept from call to call.
+
+    Chunked loops (quantizing or checking a weight a run of rows at a time) take
+    their buffers from a workspace that the caller keeps for many weights: on CPU
+    the page faults of a fresh multi-MiB allocation cost more than the arithmetic
+    done in it.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> Tensor:
+        """A contiguous tensor of ``shape`` with undefined contents, sharing memory with every other tensor
+        asked under ``name`` (and ``dtype``, ``device``)."""
+        key = (name, dtype, torch.device(device))
+        numel = math.prod(shape)
+        if key not in self._tensors or self._tensors[key].numel() < numel:
+            self._tensors[key] = torch.empty(numel, dtype=dtype, device=device)
+        return self._tensors[key][:numel].view(shape)
+
+
 class GranularityKind(enum.Enum):
     """Which elements share one scale."""
 
@@ -210,29 +233,47 @@ def compute_scale_zp(min_val: Tensor, max_val: Tensor, bits: int, symmetric: boo
     return scale, zero_point
 
 
-def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, ste: bool) -> Tensor:
+def _codes(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, ste: bool, work: Tensor | None = None
+) -> Tensor:
     if ste:
         return (round_ste(x / scale) + zero_point).clamp(qmin, qmax)
-    return (x / scale).round_().add_(zero_point).clamp_(qmin, qmax)
+    codes = torch.div(x, scale, out=work).round_()
+    if zero_point is not None:
+        codes.add_(zero_point)
+    return codes.clamp_(qmin, qmax)
 
 
 def quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, dtype: torch.dtype = torch.int8
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    dtype: torch.dtype = torch.int8,
+    *,
+    out: Tensor | None = None,
+    work: Tensor | None = None,
 ) -> Tensor:
     """Integer codes ``clamp(round(x / scale) + zp, qmin, qmax)``.
 
     Args:
         x: Values; ``scale`` and ``zero_point`` broadcast against it.
         scale: Positive scale.
-        zero_point: Zero-point (float tensor holding integers).
+        zero_point: Zero-point (float tensor holding integers); None for symmetric codes.
         qmin: Smallest code.
         qmax: Largest code.
         dtype: Integer dtype of the result.
+        out: Integer tensor shaped like ``x`` to write the codes into (and return);
+            ``dtype`` is then its dtype.
+        work: Float scratch tensor shaped like ``x`` (in the dtype of ``x / scale``)
+            for the unrounded quotient; with ``out`` nothing is allocated.
 
     Returns:
         The codes, in ``dtype``.
     """
-    return _codes(x, scale, zero_point, qmin, qmax, ste=False).to(dtype)
+    codes = _codes(x, scale, zero_point, qmin, qmax, ste=False, work=work)
+    return codes.to(dtype) if out is None else out.copy_(codes)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -300,7 +341,10 @@ def pack_int4(q: Tensor) -> Tensor:
     """Pack int4 codes into int32 words, compressed-tensors ``pack-quantized`` layout.
 
     Eight consecutive codes along the last dim fill one word; code ``j`` of a word,
-    offset by +8 to ``[0, 15]``, occupies bits ``4j .. 4j+3``.
+    offset by +8 to ``[0, 15]``, occupies bits ``4j .. 4j+3``. Built byte by byte
+    (codes ``2k`` and ``2k+1`` in the low and high nibble of byte ``k``, from the
+    int16 that holds both) and read as int32 words: little-endian hosts (the byte
+    order of the file format) assumed.
 
     Args:
         q: ``int8`` codes in ``[-8, 7]``, shape ``[..., in]`` with ``in % 8 == 0``.
@@ -315,12 +359,14 @@ def pack_int4(q: Tensor) -> Tensor:
         raise ValueError(f"pack_int4 expects int8 codes, got {q.dtype}")
     if q.ndim == 0 or q.shape[-1] % 8 != 0:
         raise ValueError(f"pack_int4 needs a last dim divisible by 8, got shape {tuple(q.shape)}")
-    if q.numel() and (q.min() < -8 or q.max() > 7):
-        raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
-    nibbles = (q.to(torch.int64) + 8).reshape(*q.shape[:-1], q.shape[-1] // 8, 8)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    words = (nibbles << shifts).sum(dim=-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    if q.numel():
+        lo, hi = torch.aminmax(q)
+        if lo < -8 or hi > 7:
+            raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(lo)}, {int(hi)}]")
+    pairs = (q + 8).view(torch.int16)  # code 2k in the low byte, 2k+1 in the high byte
+    packed = pairs >> 4
+    packed |= pairs  # low byte: code 2k | code 2k+1 << 4
+    return packed.to(torch.uint8).view(torch.int32)
 
 
 def unpack_int4(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -341,9 +387,11 @@ def unpack_int4(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
         raise ValueError(f"unpack_int4 expects int32 words, got {packed.dtype}")
     if not shape or shape[-1] % 8 != 0 or tuple(packed.shape) != (*shape[:-1], shape[-1] // 8):
         raise ValueError(f"packed shape {tuple(packed.shape)} does not match unpacked shape {shape}")
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
-    nibbles = ((packed.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 0xF
-    return (nibbles - 8).to(torch.int8).reshape(shape)
+    pairs = packed.contiguous().view(torch.uint8).to(torch.int16)
+    nibbles = pairs << 4
+    nibbles |= pairs
+    nibbles &= 0x0F0F  # low byte: the low nibble (code 2k), high byte: the high one (code 2k+1)
+    return nibbles.view(torch.int8).sub_(8).reshape(shape)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from cores.quantization.primitives import (
     FP8_E4M3_MAX,
     SCALE_EPS,
     Granularity,
+    Workspace,
     block_size,
     compute_scale_zp,
     dequantize,
@@ -67,6 +68,30 @@ where a logit of 4.0 reached only 0.39."""
 
 ActMode = Literal["static", "dynamic"]
 KVFormat = Literal["int8", "fp8"]
+
+
+WEIGHT_CHUNK_ELEMENTS = 1 << 20
+"""Values per chunk when a weight is quantized for export (4 MiB fp32 buffers: few enough chunks that the
+per-op overhead of torch stays small, small enough to stay in the last-level cache)."""
+
+
+class WeightChunk(NamedTuple):
+    """A run of rows of a weight, quantized (see :meth:`WeightQuantizer.iter_chunks`).
+
+    Attributes:
+        rows: The rows, of the weight's ``[-1, in]`` view.
+        weight: Their values in fp32, ``[n, in]``.
+        codes: Their ``int8`` codes, ``[n, in]``.
+        scale_rows: Their scale rows, of the ``[-1, 1]`` view of the scale.
+        scale: The fp32 scales of those rows, ``[n_scales, 1]``; each covers ``codes.numel() / n_scales``
+            consecutive values of ``codes``.
+    """
+
+    rows: slice
+    weight: Tensor
+    codes: Tensor
+    scale_rows: slice
+    scale: Tensor
 
 
 class QuantState(enum.Enum):
@@ -168,24 +193,80 @@ class WeightQuantizer(Quantizer):
             param = nn.Parameter(torch.full((n_rows, 1), LWC_INIT_LOGIT, device=device)) if lwc else None
             self.register_parameter(name, param)
 
-    def _scale_zp(self, groups: Tensor) -> tuple[Tensor, Tensor]:
+    def _clip_factors(self) -> tuple[Tensor, Tensor] | None:
+        """LWC factors ``(upper, lower)`` of every scale row, computed on the whole parameters."""
+        if not self.lwc:
+            return None
+        return (sigmoid_clip(self._learned(self.upbound_factor), LWC_INIT_LOGIT),
+                sigmoid_clip(self._learned(self.lowbound_factor), LWC_INIT_LOGIT))
+
+    def _scale_zp(self, groups: Tensor, factors: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Scale and zero-point of ``groups`` (scale rows), ``factors`` the LWC factors of these rows.
+
+        Every step is elementwise on the rows, so any run of rows gets the scales
+        the whole weight gives them, bit for bit.
+        """
         lo = groups.amin(dim=-1, keepdim=True)
         hi = groups.amax(dim=-1, keepdim=True)
-        if self.lwc:
-            hi = hi * sigmoid_clip(self._learned(self.upbound_factor), LWC_INIT_LOGIT)
-            lo = lo * sigmoid_clip(self._learned(self.lowbound_factor), LWC_INIT_LOGIT)
+        if factors is not None:
+            hi = hi * factors[0]
+            lo = lo * factors[1]
         return compute_scale_zp(lo, hi, self.bits, symmetric=True)
 
     def _groups(self, weight: Tensor) -> Tensor:
+        self._check_shape(weight)
+        return to_groups(weight.float(), self.granularity)
+
+    def _check_shape(self, weight: Tensor) -> None:
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match quantizer shape {self.shape}")
-        return to_groups(weight.float(), self.granularity)
 
     def fake_quant(self, x: Tensor) -> Tensor:
         groups = self._groups(x)
-        scale, zero_point = self._scale_zp(groups)
+        scale, zero_point = self._scale_zp(groups, self._clip_factors())
         out = fake_quantize(groups, scale, zero_point, self.qmin, self.qmax)
         return from_groups(out, x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def iter_chunks(self, weight: Tensor, chunk_elements: int = WEIGHT_CHUNK_ELEMENTS,
+                    workspace: Workspace | None = None) -> Iterator[WeightChunk]:
+        """Quantize ``weight`` a run of rows at a time (rows of its ``[-1, in]`` view).
+
+        The working set is a few buffers of about ``chunk_elements`` values, reused
+        from chunk to chunk: no full-size fp32 copy of the weight is made and the
+        arithmetic runs in cache. Codes and scales are bit-identical to
+        :meth:`fake_quant`'s.
+
+        Args:
+            weight: The float weight (any float dtype; computed in fp32).
+            chunk_elements: About how many values one chunk holds.
+            workspace: Where the buffers come from (keep one for many weights); None: fresh ones.
+
+        Yields:
+            :class:`WeightChunk`; its tensors are overwritten by the next chunk.
+        """
+        self._check_shape(weight)
+        rows = weight.reshape(-1, self.shape[-1])
+        block = block_size(self.shape, self.granularity)
+        # a scale spanning several rows (per-tensor) needs them all in one chunk
+        step = max(1, chunk_elements // rows.shape[1]) if block <= rows.shape[1] else rows.shape[0]
+        size = (min(step, rows.shape[0]), rows.shape[1])
+        workspace = Workspace() if workspace is None else workspace
+        x32, work = (workspace.get(name, size, device=weight.device) for name in ("weight", "quotient"))
+        codes = workspace.get("codes", size, torch.int8, weight.device)
+        factors = self._clip_factors()
+        for start in range(0, rows.shape[0], step):
+            n = min(step, rows.shape[0] - start)
+            x = x32[:n]
+            x.copy_(rows[start:start + n])
+            groups = x.view(-1, block)
+            first = start * rows.shape[1] // block
+            scale_rows = slice(first, first + groups.shape[0])
+            scale, _ = self._scale_zp(groups, None if factors is None else
+                                      (factors[0][scale_rows], factors[1][scale_rows]))
+            quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),  # symmetric
+                     work=work[:n].view(-1, block))
+            yield WeightChunk(slice(start, start + n), x, codes[:n], scale_rows, scale)
 
     @torch.no_grad()
     def quantize_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,10 +280,12 @@ class WeightQuantizer(Quantizer):
             scale in compressed-tensors layout (``[out, 1]`` per channel,
             ``[out, in // g]`` per group).
         """
-        groups = self._groups(weight)
-        scale, zero_point = self._scale_zp(groups)
-        codes = quantize(groups, scale, zero_point, self.qmin, self.qmax)
-        return from_groups(codes, self.shape), scale.reshape(scale_shape(self.shape, self.granularity))
+        codes = torch.empty(self.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(scale_shape(self.shape, self.granularity), device=weight.device)
+        for chunk in self.iter_chunks(weight):
+            codes.view(-1, self.shape[-1])[chunk.rows] = chunk.codes
+            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
+        return codes, scale
 
     def dequantize_weight(self, codes: Tensor, scale: Tensor) -> Tensor:
         """fp32 weight a serving engine reconstructs from ``(codes, scale)``.
@@ -220,6 +303,45 @@ class WeightQuantizer(Quantizer):
         groups = dequantize(to_groups(codes, self.granularity), scale, torch.zeros_like(scale))
         return from_groups(groups, self.shape)
 
+    def qparam_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``name -> (dtype, shape)`` of the deployed tensors, in the order :meth:`iter_qparams` yields them.
+
+        Raises:
+            ValueError: For a bit width that has no deployed format here.
+        """
+        scale = (torch.float32, scale_shape(self.shape, self.granularity))
+        if self.bits == 8:
+            return {"weight": (torch.int8, self.shape), "weight_scale": scale}
+        if self.bits == 4:
+            return {"weight_packed": (torch.int32, (*self.shape[:-1], self.shape[-1] // 8)), "weight_scale": scale,
+                    "weight_shape": (torch.int64, (len(self.shape),))}
+        raise ValueError(f"no deployed format for {self.bits}-bit weights; use 4 or 8 bits")
+
+    @torch.no_grad()
+    def iter_qparams(self, weight: Tensor, workspace: Workspace | None = None
+                     ) -> Iterator[tuple[str, Tensor, WeightChunk | None]]:
+        """:meth:`get_qparams` as a stream that never holds the codes whole.
+
+        Yields ``(name, tensor, chunk)``: first the codes (``weight``, or
+        ``weight_packed`` for 4 bits) one run of rows at a time (rows of the
+        ``[-1, cols]`` view of the deployed tensor), each with its
+        :class:`WeightChunk`; then ``weight_scale`` (and ``weight_shape``) whole,
+        with ``chunk`` None. Chunk tensors are overwritten by the next chunk.
+        ``workspace`` is that of :meth:`iter_chunks`.
+
+        Raises:
+            ValueError: For a bit width that has no deployed format here.
+        """
+        specs = self.qparam_specs()
+        codes_name = next(iter(specs))
+        scale = torch.empty(specs["weight_scale"][1], device=weight.device)
+        for chunk in self.iter_chunks(weight, workspace=workspace):
+            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
+            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes), chunk
+        yield "weight_scale", scale, None
+        if self.bits == 4:
+            yield "weight_shape", torch.tensor(self.shape, dtype=torch.int64), None
+
     def get_qparams(self, weight: Tensor) -> dict[str, Tensor]:
         """Deployed tensors for ``weight`` under compressed-tensors names.
 
@@ -235,16 +357,14 @@ class WeightQuantizer(Quantizer):
         Raises:
             ValueError: For a bit width that has no deployed format here.
         """
-        codes, scale = self.quantize_weight(weight)
-        if self.bits == 8:
-            return {"weight": codes, "weight_scale": scale}
-        if self.bits == 4:
-            return {
-                "weight_packed": pack_int4(codes),
-                "weight_scale": scale,
-                "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
-            }
-        raise ValueError(f"no deployed format for {self.bits}-bit weights; use 4 or 8 bits")
+        out = {name: torch.empty(shape, dtype=dtype, device=weight.device)
+               for name, (dtype, shape) in self.qparam_specs().items()}
+        for name, tensor, chunk in self.iter_qparams(weight):
+            if chunk is None:
+                out[name] = tensor
+            else:
+                out[name].view(-1, tensor.shape[-1])[chunk.rows] = tensor
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from ..quantization.primitives import FP8_E4M3_MAX, Workspace
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_INV_SUFFIX = "_scale_inv"
@@ -26,8 +29,106 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing files, corrupt, or does not match its config."""
 
 
+FP8_CHUNK_ELEMENTS = 1 << 20
+"""About how many values :func:`iter_dequantize_fp8` converts at a time (its fp32 buffer stays in cache)."""
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+"""safetensors dtype names -> torch dtypes."""
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file: ``name -> {dtype, shape, data_offsets}`` (and ``__metadata__``).
+
+    Raises:
+        CheckpointError: When the file is too short or its header is not valid JSON.
+    """
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError) as err:
+        raise CheckpointError(f"cannot read the header of {path}: {err}. The file is truncated or corrupt.") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"the header of {path} is not a JSON object")
+    return header
+
+
+def _check_fp8_scale(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    out_dim, in_dim = weight.shape
+    expected = (-(-out_dim // block[0]), -(-in_dim // block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(
+            f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
+            f"with {block[0]}x{block[1]} blocks (expected {expected})"
+        )
+
+
+def fp8_e4m3_to_float(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``values.float()`` for ``float8_e4m3fn`` (as torch casts it, NaN included) into the fp32 ``out``.
+
+    Bit arithmetic, several times faster than torch's CPU cast: the byte goes to
+    the top of an int32 (sign to bit 31), an arithmetic shift by 4 puts exponent
+    and mantissa at bits 20..26 (fp32's exponent field starts at bit 23), the
+    smeared sign copies are masked off, and a multiply by ``2**120`` rebiases the
+    exponent (e4m3's bias 7 to fp32's 127) and turns subnormals, read as fp32
+    subnormals, into their exact values.
+    """
+    bits = out.view(torch.int32)
+    bits.copy_(values.view(torch.uint8))
+    bits <<= 24
+    bits >>= 4
+    bits &= -0x78000001  # 0x87FFFFFF: the sign and the 7 bits of exponent and mantissa
+    out *= 2.0**120
+    lo, hi = torch.aminmax(out) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
+    if lo < -FP8_E4M3_MAX or hi > FP8_E4M3_MAX:  # only the NaN codes (S.1111.111) read past 448, as 480
+        out[out.abs() > FP8_E4M3_MAX] = float("nan")
+    return out
+
+
+def iter_dequantize_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_FP8_BLOCK,
+    chunk_elements: int = FP8_CHUNK_ELEMENTS,
+    workspace: Workspace | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """:func:`dequantize_fp8_blockwise` a few tile rows at a time.
+
+    Each tile row's scales are broadcast along its ``b0`` rows (no full-size scale
+    matrix); the buffers (from ``workspace``, fresh when None) are reused from chunk to chunk.
+
+    Yields:
+        ``(rows, bf16 values of those rows)``; the tensor is overwritten by the next chunk.
+    """
+    _check_fp8_scale(weight, scale_inv, block)
+    out_dim, in_dim = weight.shape
+    b0, b1 = block
+    columns = scale_inv.float().repeat_interleave(b1, dim=1)[:, :in_dim]  # [tile rows, in]
+    step = max(1, chunk_elements // (b0 * max(in_dim, 1))) * b0
+    workspace = Workspace() if workspace is None else workspace
+    x32 = workspace.get("fp8_values", (min(step, out_dim), in_dim), device=weight.device)
+    out = workspace.get("fp8_bf16", x32.shape, torch.bfloat16, weight.device)
+    for start in range(0, out_dim, step):
+        n = min(step, out_dim - start)
+        x = fp8_e4m3_to_float(weight[start:start + n], x32[:n])
+        whole = n // b0 * b0
+        tiles = columns[start // b0: (start + n + b0 - 1) // b0]
+        x[:whole].view(-1, b0, in_dim).mul_(tiles[:whole // b0].unsqueeze(1))
+        if whole < n:
+            x[whole:].mul_(tiles[-1])
+        yield slice(start, start + n), out[:n].copy_(x)
+
+
 def dequantize_fp8_blockwise(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_FP8_BLOCK
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_FP8_BLOCK,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Dequantize an FP8 weight with one inverse scale per ``block`` tile.
 
@@ -35,20 +136,17 @@ def dequantize_fp8_blockwise(
         weight: ``[out, in]`` tensor in ``float8_e4m3fn``.
         scale_inv: ``[ceil(out / b0), ceil(in / b1)]`` multipliers.
         block: tile shape ``(b0, b1)``.
+        workspace: where the conversion's buffers come from (fresh ones when None).
 
     Returns:
-        The ``bf16`` weight ``weight * scale_inv`` broadcast over each tile.
+        The ``bf16`` weight ``weight * scale_inv`` broadcast over each tile (the
+        product in fp32, rounded once to bf16).
     """
-    out_dim, in_dim = weight.shape
-    b0, b1 = block
-    expected = (-(-out_dim // b0), -(-in_dim // b1))
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(
-            f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
-            f"with {b0}x{b1} blocks (expected {expected})"
-        )
-    scale = scale_inv.float().repeat_interleave(b0, 0)[:out_dim].repeat_interleave(b1, 1)[:, :in_dim]
-    return (weight.float() * scale).to(torch.bfloat16)
+    _check_fp8_scale(weight, scale_inv, block)
+    out = torch.empty(weight.shape, dtype=torch.bfloat16, device=weight.device)
+    for rows, values in iter_dequantize_fp8(weight, scale_inv, block, workspace=workspace):
+        out[rows] = values
+    return out
 
 
 def _fp8_block(config: dict) -> tuple[int, int]:
@@ -84,6 +182,8 @@ class CheckpointReader:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
         self.fp8_block = _fp8_block(self.config)
         self.weight_map = self._build_weight_map()
+        self._headers: dict[str, dict] = {}
+        self._workspace = Workspace()  # buffers of the FP8 dequantization
 
     def _build_weight_map(self) -> dict[str, str]:
         index_path = self.model_dir / INDEX_NAME
@@ -131,11 +231,16 @@ class CheckpointReader:
     def has(self, key: str) -> bool:
         return key in self.weight_map
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    def read(self, keys: Iterable[str], dequantize: bool = True) -> dict[str, torch.Tensor]:
         """Read tensors by full name, dequantizing FP8 weights to bf16.
+
+        Tensors are views of the memory-mapped shard (no copy) except for
+        dequantized FP8 weights.
 
         Args:
             keys: tensor names; ``*_scale_inv`` companions are read automatically.
+            dequantize: False returns FP8 weights as stored, each with its
+                ``*_scale_inv`` companion beside it.
 
         Returns:
             name -> tensor, on CPU, in the stored dtype (bf16 for FP8 weights).
@@ -161,6 +266,8 @@ class CheckpointReader:
                             f"cannot read tensor {name!r} from {self.model_dir / filename}: {err}. "
                             "The file is truncated or corrupt: download it again."
                         ) from err
+        if not dequantize:
+            return raw
         out = {}
         for key in keys:
             tensor = raw[key]
@@ -170,9 +277,42 @@ class CheckpointReader:
                     raise CheckpointError(
                         f"FP8 tensor {key!r} in {self.model_dir} has no {key + SCALE_INV_SUFFIX!r} to dequantize it"
                     )
-                tensor = dequantize_fp8_blockwise(tensor, scale, self.fp8_block)
+                tensor = dequantize_fp8_blockwise(tensor, scale, self.fp8_block, self._workspace)
             out[key] = tensor
         return out
+
+    def iter_chunks(self, keys: Iterable[str], chunk_elements: int = FP8_CHUNK_ELEMENTS
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors ``keys`` as :meth:`read` gives them, read together, as ``(key, piece)`` in order.
+
+        An FP8 weight comes as runs of its rows, dequantized a few tile rows at a
+        time (each piece overwritten by the next); any other tensor comes whole.
+        """
+        keys = list(keys)
+        raw = self.read(keys, dequantize=False)
+        for key in keys:
+            tensor, scale = raw.pop(key), raw.pop(key + SCALE_INV_SUFFIX, None)
+            if tensor.dtype != torch.float8_e4m3fn or scale is None:
+                yield key, tensor
+                continue
+            for _, values in iter_dequantize_fp8(tensor, scale, self.fp8_block, chunk_elements, self._workspace):
+                yield key, values
+
+    def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of tensor ``key`` as :meth:`read` gives it (bf16 for an FP8 weight), from the
+        shard headers alone."""
+        if key not in self.weight_map:
+            raise CheckpointError(f"tensor {key!r} is not in {self.model_dir}")
+        filename = self.weight_map[key]
+        if filename not in self._headers:
+            self._headers[filename] = read_safetensors_header(self.model_dir / filename)
+        entry = self._headers[filename].get(key)
+        if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.model_dir / filename} has no readable header entry for {key!r}")
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if dtype == torch.float8_e4m3fn and self.has(key + SCALE_INV_SUFFIX):
+            dtype = torch.bfloat16
+        return dtype, tuple(entry["shape"])
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Read every tensor under ``prefix``; returned names have the prefix removed."""

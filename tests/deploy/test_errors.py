@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import deploy as deploy_cli
 from cores.calibrator.params import ParamDirError
 from cores.deploy import DeployConfig, DeployError, deploy
-from cores.deploy import export as export_mod
+from cores.deploy import writer as writer_mod
 from cores.models.streaming import StreamingModel
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError
 from cores.utils.tiny import make_tiny_checkpoint
@@ -103,33 +103,41 @@ def test_crash_then_rerun_resumes_to_the_same_checkpoint(tiny_llama, params_fact
                        max_shard_size="20KB")
     deploy(DeployConfig(str(tiny_llama), str(tmp_path / "ref"), "w8a8c8", param_dir=str(params.path),
                         max_shard_size="20KB"))
-    real, calls = export_mod.block_tensors, []
+    real_write, real_load, loads, opened = writer_mod.ShardedWriter.write, StreamingModel.load_block, [], []
 
-    def crash_in_block_1(model, idx, transform):
-        calls.append(idx)
-        if idx == 1 and len(calls) == 2:
+    def crash_in_block_1(self, name, piece):
+        if name.startswith("model.layers.1.") and not loads[2:]:
             raise RuntimeError("simulated crash")
-        return real(model, idx, transform)
+        return real_write(self, name, piece)
 
-    monkeypatch.setattr(export_mod, "block_tensors", crash_in_block_1)
+    monkeypatch.setattr(writer_mod.ShardedWriter, "write", crash_in_block_1)
+    monkeypatch.setattr(StreamingModel, "load_block", lambda self, idx: loads.append(idx) or real_load(self, idx))
     with pytest.raises(RuntimeError, match="simulated crash"):
         deploy(cfg)
     partial = tmp_path / "out.partial"
     assert not (tmp_path / "out").exists() and not (partial / INDEX_NAME).exists()
     progress = json.loads((partial / "deploy_progress.json").read_text())
+    finished = {shard["file"] for shard in progress["shards"]}
     written = {k for shard in progress["shards"] for k in shard["keys"]}
-    assert progress["units_done"] == 3  # lm_head, embed_tokens, norm; block 0 is partly in shards
     assert "model.embed_tokens.weight" in written and any(k.startswith("model.layers.0.") for k in written)
+    assert not any(k.startswith("model.layers.1.") for k in written)
+    real_shard = writer_mod.ShardFile.__init__
+    monkeypatch.setattr(writer_mod.ShardFile, "__init__",
+                        lambda self, path, specs: opened.append(path.name) or real_shard(self, path, specs))
     result = deploy(cfg)
-    assert calls == [0, 1, 0, 1]  # the rerun skipped the units in shards and rebuilt block 0 for its unwritten rest
-    assert not partial.exists() and result.verify["FAIL"] == 0
+    assert loads[:2] == [0, 1] and loads[2:] in ([0, 1], [1])  # block 0 again only for its tensors in unfinished shards
+    everything = json.loads((tmp_path / "out" / INDEX_NAME).read_text())["weight_map"]
+    assert sorted(opened) == sorted(set(everything.values()) - finished)  # finished shards were not written again
+    assert not partial.exists() and result.verify["FAIL"] == 0 and result.verify["checked"] == 14
     ours, ref = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref")
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     assert (tmp_path / "out" / INDEX_NAME).read_text() == (tmp_path / "ref" / INDEX_NAME).read_text()
+    report = json.loads((tmp_path / "out" / "deploy_report.json").read_text())
+    assert report["tensors"] == json.loads((tmp_path / "ref" / "deploy_report.json").read_text())["tensors"]
 
 
 def test_rerun_with_other_settings_starts_over(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "block_tensors", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(StreamingModel, "load_block", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         deploy(DeployConfig(str(tiny_llama), str(tmp_path / "out"), "w8a8c16", max_shard_size="20KB"))
     monkeypatch.undo()

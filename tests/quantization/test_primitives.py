@@ -11,6 +11,7 @@ from cores.quantization import (
     SCALE_EPS,
     Granularity,
     GranularityKind,
+    Workspace,
     block_size,
     compute_scale_zp,
     dequantize,
@@ -159,6 +160,24 @@ def test_int4_pack_round_trip_matches_compressed_tensors(shape: tuple[int, ...],
     assert torch.equal(unpack_int4(packed, shape), codes)
     assert torch.equal(packed, pack_to_int32(codes, 4))
     assert torch.equal(unpack_from_int32(packed, 4, torch.Size(shape)), codes)
+
+
+def test_quantize_into_buffers_allocates_nothing_new() -> None:
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    scale, zero_point = compute_scale_zp(*group_range(x, per_channel()), 8)
+    expected = quantize(x, scale, zero_point, -128, 127)
+    out, work = torch.empty(8, 64, dtype=torch.int8), torch.empty(8, 64)
+    assert quantize(x, scale, zero_point, -128, 127, out=out, work=work) is out and torch.equal(out, expected)
+    assert torch.equal(quantize(x, scale, None, -128, 127), expected)  # symmetric: no zero-point to add
+
+
+def test_workspace_reuses_memory_per_name() -> None:
+    workspace = Workspace()
+    a = workspace.get("a", (4, 8))
+    assert workspace.get("a", (2, 3)).data_ptr() == a.data_ptr() and workspace.get("a", (2, 3)).shape == (2, 3)
+    assert workspace.get("b", (4, 8)).data_ptr() != a.data_ptr()
+    assert workspace.get("a", (4, 8), torch.int8).dtype is torch.int8  # another dtype, another buffer
+    assert workspace.get("a", (64, 8)).shape == (64, 8)  # grows when asked for more
 
 
 def test_int4_pack_rejects_bad_input() -> None:

@@ -16,6 +16,7 @@ from cores.quantization import (
     KVQuantizer,
     QuantState,
     WeightQuantizer,
+    Workspace,
     compute_scale_zp,
     fake_quantize,
     fake_quantize_fp8,
@@ -24,6 +25,8 @@ from cores.quantization import (
     int_range,
     per_channel,
     per_group,
+    per_tensor,
+    scale_shape,
     sqnr_db,
     to_groups,
 )
@@ -154,6 +157,47 @@ def test_weight_export_matches_compressed_tensors_w4(group_size: int) -> None:
     assert torch.equal(compressed["weight_packed"], qparams["weight_packed"])
     restored = PackedQuantizationCompressor.decompress(dict(qparams), scheme)["weight"]
     assert torch.equal(restored, quantizer(weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES + [(8, per_tensor())], ids=lambda c: str(c))
+def test_chunked_quantization_is_the_fake_quant(bits: int, granularity: Granularity, dtype: torch.dtype) -> None:
+    """Row chunks (any size, any dtype of the weight) give the codes and scales of the whole weight, bit for bit."""
+    weight = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
+    quantizer = _weight_quantizer(weight, bits, granularity, lwc=granularity != per_tensor())
+    if quantizer.lwc:
+        with torch.no_grad():
+            quantizer.upbound_factor.uniform_(-2.0, 3.0)
+            quantizer.lowbound_factor.uniform_(-2.0, 3.0)
+    expected = quantizer(weight.float())
+    workspace = Workspace()
+    for chunk_elements in (1, 700, 4096, 1 << 20):
+        codes = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(scale_shape(weight.shape, granularity))
+        rows = []
+        for chunk in quantizer.iter_chunks(weight, chunk_elements, workspace):
+            codes.view(-1, 256)[chunk.rows] = chunk.codes
+            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
+            assert torch.equal(chunk.weight, weight.reshape(-1, 256)[chunk.rows].float())
+            rows.append(chunk.rows)
+        assert [r.start for r in rows] == [0, *(r.stop for r in rows[:-1])] and rows[-1].stop == 48
+        assert torch.equal(quantizer.dequantize_weight(codes, scale), expected)
+        assert all(torch.equal(a, b) for a, b in zip((codes, scale), quantizer.quantize_weight(weight), strict=True))
+
+
+@pytest.mark.parametrize(("bits", "granularity"), [(8, per_channel()), (4, per_group(64))], ids=str)
+def test_streamed_qparams_are_get_qparams_in_spec_order(bits: int, granularity: Granularity) -> None:
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
+    quantizer = _weight_quantizer(weight, bits, granularity, lwc=True)
+    specs, whole = quantizer.qparam_specs(), quantizer.get_qparams(weight)
+    assert list(whole) == list(specs)
+    assert all((v.dtype, tuple(v.shape)) == specs[k] for k, v in whole.items())
+    streamed: dict[str, list[torch.Tensor]] = {}
+    for name, tensor, chunk in quantizer.iter_qparams(weight, Workspace()):
+        assert (chunk is not None) == (name == next(iter(specs)))
+        streamed.setdefault(name, []).append(tensor.clone())
+    assert list(streamed) == list(specs)
+    assert all(torch.equal(torch.cat(v).reshape(whole[k].shape), whole[k]) for k, v in streamed.items())
 
 
 def test_weight_quantizer_errors() -> None:
