@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     p.add_argument("--output_weight_path", required=True, help="folder to create")
     p.add_argument("--quant_type", required=True, help=f"one of {', '.join(quant_types())}")
     p.add_argument("--param_dir", help="learned params from main.py (default: round-to-nearest)")
+    p.add_argument("--mla_param_path", help="params of --train_mode mla, when kept apart from --moe_param_path")
+    p.add_argument("--moe_param_path", help="params of --train_mode moe, when kept apart from --mla_param_path")
     p.add_argument("--act", choices=["static", "dynamic"],
                    help="activation scales (default: the param dir's; dynamic without one)")
     p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default: the param dir's)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibrator.params import ParamDir
+from ..calibrator.params import open_params
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names
@@ -48,6 +48,8 @@ class DeployConfig:
         output_weight_path: Folder to create.
         quant_type: ``bfloat16`` or a scheme name (``w8a8c8`` ...).
         param_dir: Learned params from ``main.py``; None deploys round-to-nearest.
+        mla_param_path: ``--train_mode mla`` params kept in a dir of their own (the seed's spelling).
+        moe_param_path: ``--train_mode moe`` params kept in a dir of their own.
         act: ``static`` or ``dynamic``; with a param dir it must agree with it,
             without one it defaults to ``dynamic`` (static needs calibration).
         kv_format: ``int8`` or ``fp8`` for C8 schemes (checked against the param dir).
@@ -62,6 +64,8 @@ class DeployConfig:
     output_weight_path: str
     quant_type: str
     param_dir: str | None = None
+    mla_param_path: str | None = None
+    moe_param_path: str | None = None
     act: str | None = None
     kv_format: str | None = None
     group_size: int | None = None
@@ -74,7 +78,8 @@ class DeployConfig:
         if self.quant_type not in quant_types():
             raise DeployError(f"unknown quant_type {self.quant_type!r}; valid: {', '.join(quant_types())}")
         if self.quant_type == BF16:
-            given = [k for k in ("param_dir", "act", "kv_format", "group_size") if getattr(self, k) is not None]
+            given = [k for k in ("param_dir", "mla_param_path", "moe_param_path", "act", "kv_format", "group_size")
+                     if getattr(self, k) is not None]
             if given:
                 raise DeployError(f"bfloat16 dequantizes an FP8 checkpoint and takes no {', '.join(given)}")
         if self.verify_samples is not None and self.verify_samples < 1:
@@ -130,7 +135,8 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
             scales that need calibration.
         ParamDirError: When the params belong to another model or miss blocks.
     """
-    if cfg.param_dir is None:
+    params = open_params(cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path)
+    if params is None:
         act = cfg.act or "dynamic"
         scheme = get_scheme(cfg.quant_type, act, cfg.kv_format or "fp8", cfg.group_size)
         if act == "static" or scheme.kv_bits is not None:
@@ -145,26 +151,25 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
             return quantize_block(block, scheme, DEFAULT_IGNORE, lwc=False, lac=False)
 
         return scheme, list(DEFAULT_IGNORE), rtn, {}
-    params = ParamDir(cfg.param_dir)
     identity, scheme = params.identity(), params.scheme()
     asked = {"quant_type": (cfg.quant_type, scheme.name), "act": (cfg.act, scheme.act_mode),
              "kv_format": (cfg.kv_format, scheme.kv_format), "group_size": (cfg.group_size, scheme.group_size)}
     clash = [f"--{k} {mine} but the params are {theirs}" for k, (mine, theirs) in asked.items()
              if mine is not None and mine != theirs]
     if clash:
-        raise DeployError(f"{cfg.param_dir} was trained as {scheme.name} (act {scheme.act_mode}, kv "
-                          f"{scheme.kv_format}, group {scheme.group_size}): {'; '.join(clash)}")
+        raise DeployError(f"{', '.join(map(str, params.paths))} was trained as {scheme.name} (act "
+                          f"{scheme.act_mode}, kv {scheme.kv_format}, group {scheme.group_size}): {'; '.join(clash)}")
     params.check_model(model_fingerprint(model.reader))
     learned = params.block_transform(model.num_blocks, frozen=False)  # refuses a param dir with blocks missing
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(params.path.iterdir())
-             if p.is_file() and not p.name.startswith(".")}
+    files = {f"{i}/{p.name}": [p.stat().st_size, p.stat().st_mtime_ns] for i, d in enumerate(params.paths)
+             for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")}
     return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}
 
 
 def _identity(cfg: DeployConfig, reader: CheckpointReader, extra: dict) -> dict:
     files = {f: (reader.model_dir / f).stat().st_size for f in sorted(set(reader.weight_map.values()))}
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("output_weight_path", "overwrite", "input_weight_path",
-                                                              "param_dir")}
+                                                              "param_dir", "mla_param_path", "moe_param_path")}
     return {"deploy": opts, "source": {"fingerprint": model_fingerprint(reader), "files": files}, "params": extra}
 
 
@@ -233,7 +238,8 @@ def deploy(cfg: DeployConfig) -> DeployResult:
                           _safetensors_bytes(reader.model_dir), _safetensors_bytes(staged.partial),
                           time.perf_counter() - start, summ)
     report = {"quant_type": cfg.quant_type, "scheme": asdict(scheme) if scheme else None,
-              "source": cfg.input_weight_path, "param_dir": cfg.param_dir,
+              "source": cfg.input_weight_path, "param_dirs": [
+                  p for p in (cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path) if p],
               "source_fingerprint": model_fingerprint(reader), "output_fingerprint": model_fingerprint(written),
               "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
               "seconds": round(result.seconds, 3),
