@@ -7,6 +7,9 @@ qparams (``weight``/``weight_packed``, ``weight_scale``, ``weight_shape``,
 ``input_scale``), every KV quantizer on an attention cache hook yields the scales
 of :data:`~cores.deploy.format.KV_SCALE_NAMES`, and every other tensor of the
 block is passed through from the source as stored (FP8 dequantized to bf16).
+MoE experts are linears like any other, so their tensors keep their on-disk names
+(``mlp.experts.<e>.gate_proj.weight`` ...). Tensors outside the blocks pass
+through the same way, DeepSeek's multi-token-prediction layer included.
 
 The layout is planned first, from every block built on the meta device (no
 weight read): the tensors' names, dtypes and shapes, in the order they are made,
@@ -121,15 +124,46 @@ def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check
     return entries
 
 
+def _is_router(module: nn.Module) -> bool:
+    """An MoE router: a module of its own with a 2-D ``weight`` (a ``Linear`` in the serving engines)."""
+    weight = module._parameters.get("weight")
+    return not isinstance(module, nn.Linear) and weight is not None and weight.dim() == 2
+
+
 def _specs(entries: list[Entry]) -> list[TensorSpec]:
     return [spec for entry in entries for spec in entry.specs]
 
 
-def _in_a_block(key: str, model: StreamingModel) -> bool:
-    """Whether ``key`` belongs to one of the decoder blocks (not, e.g., to an extra MTP layer)."""
+def _layer_of(key: str, model: StreamingModel) -> int | None:
+    """The layer index of ``key`` (``model.layers.<i>.*``), or None for a tensor outside the layers."""
     head, _, rest = key.partition(model.family.layer_prefix)
     idx = rest.split(".", 1)[0]
-    return not head and idx.isdigit() and int(idx) < model.num_blocks
+    return int(idx) if not head and idx.isdigit() else None
+
+
+def _outside_units(model: StreamingModel) -> tuple[list[tuple[str, Entry]], list[str]]:
+    """Units for the tensors outside the decoder blocks, passed through as read, and the linears among them.
+
+    One unit per top-level tensor (embeddings, final norm, ``lm_head``) and one per
+    extra layer beyond ``num_hidden_layers`` (DeepSeek's multi-token-prediction
+    layer): not part of the model that runs, so not quantized, and its linears
+    are listed for the ``ignore`` of ``quantization_config``.
+    """
+    reader = model.reader
+    units, extra = [], {}
+    for key in reader.keys:
+        layer = _layer_of(key, model)
+        if key.endswith(SCALE_INV_SUFFIX) or (layer is not None and layer < model.num_blocks):
+            continue
+        if layer is None:
+            units.append((f"{key}: copy", source_entry(reader, [key])))
+        else:
+            extra.setdefault(layer, []).append(key)
+    units += [(f"layer {layer} (after the last block): copy", source_entry(reader, keys))
+              for layer, keys in sorted(extra.items())]
+    linears = [key.removesuffix(".weight") for keys in extra.values() for key in keys
+               if key.endswith(".weight") and len(reader.spec(key)[1]) == 2]
+    return units, linears
 
 
 @dataclass
@@ -162,9 +196,9 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         ValueError: Naming the layer a scheme cannot take.
     """
     reader, family = model.reader, model.family
-    plan = ExportPlan(kept=[family.lm_head_key.removesuffix(".weight")])
-    plan.units = [(f"{key}: copy", source_entry(reader, [key])) for key in reader.keys
-                  if not _in_a_block(key, model) and not key.endswith(SCALE_INV_SUFFIX)]
+    plan = ExportPlan()
+    plan.units, extra_linears = _outside_units(model)
+    plan.kept = [family.lm_head_key.removesuffix(".weight"), *extra_linears]
     block_specs = []
     for idx in range(model.num_blocks):
         prefix = family.block_prefix(idx)
@@ -173,7 +207,7 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         for name, module in block.named_modules():
             if isinstance(module, QuantLinear):
                 plan.quantized.append(prefix + name)
-            elif isinstance(module, nn.Linear):
+            elif isinstance(module, nn.Linear) or _is_router(module):
                 plan.kept.append(prefix + name)
         block_specs.append(_specs(block_entries(block, prefix, reader)))
     plan.check = set(plan.quantized)

@@ -12,7 +12,8 @@ other entry an exact name). Per quantized linear ``N``:
 - static activations: ``N.input_scale`` fp32 ``[1]``;
 
 and with an 8-bit KV cache ``<attn>.k_scale`` / ``<attn>.v_scale`` fp32 ``[1]``
-beside ``kv_cache_scheme``. Scales are stored in fp32, the dtype the fake-quant
+beside ``kv_cache_scheme`` (for MLA both hold the scale of the latent cache, see
+:data:`KV_SCALE_NAMES`). Scales are stored in fp32, the dtype the fake-quant
 forward computes them in, so the stored values are exactly the trained ones.
 """
 
@@ -29,8 +30,18 @@ from ..quantization import QuantScheme, get_scheme, unpack_int4
 from ..utils.checkpoint import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
-KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {"k_cache_quant": ("k_scale",), "v_cache_quant": ("v_scale",)}
-"""Cache hook of an attention module -> names of its deployed scale (each holds the same value)."""
+KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {
+    "k_cache_quant": ("k_scale",),
+    "v_cache_quant": ("v_scale",),
+    "kv_cache_quant": ("k_scale", "v_scale"),
+}
+"""Cache hook of an attention module -> names of its deployed scale (each holds the same value).
+
+GQA attention caches keys and values, each with its own scale. MLA caches one
+tensor, the normed latent with the rotary key (``kv_lora_rank + qk_rope_head_dim``
+wide), under one scale: vLLM's MLA backends read the attention's ``k_scale`` for
+that cache (and leave ``v_scale`` unused), and compressed-tensors / llm-compressor
+give every attention module both, so both carry the latent cache's scale."""
 
 FORMAT_BY_BITS = {8: "int-quantized", 4: "pack-quantized"}
 WEIGHT_NAMES = {8: ("weight", "weight_scale"), 4: ("weight_packed", "weight_scale", "weight_shape")}

@@ -27,8 +27,11 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     r"re:.*embed_tokens$",
     r"re:.*norm$",
     r"re:.*mlp\.gate$",
+    r"re:.*self_attn\.kv_b_proj$",
+    r"re:.*self_attn\.indexer\.",
 )
-"""Modules left in high precision by default: embeddings, ``lm_head``, norms, MoE router gates."""
+"""Modules left in high precision by default: embeddings, ``lm_head``, norms, MoE router gates, and
+the DeepSeek recipe's MLA up-projection ``kv_b_proj`` and V3.2 sparse-attention indexer."""
 
 DEFAULT_GROUP_SIZE = 128
 

@@ -214,7 +214,6 @@ def test_quantize_linears_respects_ignore_patterns() -> None:
     replaced = quantize_linears(block, get_scheme("w8a8c8"))
     assert set(replaced) == {
         "self_attn.q_proj",
-        "self_attn.kv_b_proj",
         "self_attn.o_proj",
         *(
             f"mlp.{expert}.{proj}"
@@ -223,6 +222,7 @@ def test_quantize_linears_respects_ignore_patterns() -> None:
         ),
     }
     assert type(block.mlp.gate) is nn.Linear
+    assert type(block.self_attn.kv_b_proj) is nn.Linear  # DeepSeek's recipe keeps the MLA up-projection
     assert block.mlp.experts[1].down_proj is replaced["mlp.experts.1.down_proj"]
     assert torch.equal(block(x), expected)
     assert quantize_linears(block, get_scheme("w8a8c8")) == {}
@@ -242,7 +242,7 @@ def test_quantize_linears_names_the_layer_when_the_group_does_not_fit() -> None:
     block = _Block(hidden=64)
     with pytest.raises(ValueError, match=r"'self_attn.q_proj'.*group size 128 does not divide the input dim 64"):
         quantize_linears(block, get_scheme("w4a8c8"))
-    assert len(quantize_linears(_Block(), get_scheme("w4a8c8", group_size=32))) == 12
+    assert len(quantize_linears(_Block(), get_scheme("w4a8c8", group_size=32))) == 11  # all but kv_b_proj
 
 
 def test_set_quant_state_drives_the_lifecycle() -> None:

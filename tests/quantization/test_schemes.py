@@ -80,6 +80,9 @@ def test_register_refuses_duplicates() -> None:
         "self_attn.q_norm",
         "mlp.gate",
         "model.layers.3.mlp.gate",
+        "self_attn.kv_b_proj",
+        "self_attn.indexer.wq_b",
+        "self_attn.indexer.weights_proj",
     ],
 )
 def test_default_ignore_keeps_high_precision_modules(name: str) -> None:
@@ -93,7 +96,7 @@ def test_default_ignore_keeps_high_precision_modules(name: str) -> None:
         "mlp.experts.3.gate_proj",
         "mlp.shared_experts.gate_proj",
         "self_attn.q_a_proj",
-        "self_attn.kv_b_proj",
+        "self_attn.kv_a_proj_with_mqa",
         "model.layers.0.mlp.gate.weight_proj",
     ],
 )
