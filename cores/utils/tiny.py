@@ -103,29 +103,36 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block: int = 128) -> tuple[torc
     return q.view(rows * block, cols * block)[:out_dim, :in_dim].contiguous(), scale_inv
 
 
-def fp8_twins(src_dir: str | Path, fp8_dir: str | Path, bf16_dir: str | Path) -> tuple[Path, Path]:
+def fp8_twins(
+    src_dir: str | Path, fp8_dir: str | Path, bf16_dir: str | Path | None = None
+) -> tuple[Path, Path | None]:
     """From a checkpoint, write an FP8 copy (2-D block weights in e4m3 + ``weight_scale_inv``)
-    and its dequantized bf16 twin, which hold exactly the same values."""
+    and, unless ``bf16_dir`` is None, its dequantized bf16 twin, which holds exactly the same values.
+
+    Other tensors become bf16, except router correction biases, which stay fp32 as DeepSeek ships them.
+    Only ``config.json`` and the weights are written.
+    """
     from .checkpoint import dequantize_fp8_blockwise
 
-    src_dir, fp8_dir, bf16_dir = Path(src_dir), Path(fp8_dir), Path(bf16_dir)
+    src_dir, fp8_dir = Path(src_dir), Path(fp8_dir)
     config = json.loads((src_dir / "config.json").read_text())
     tensors = {}
     for f in sorted(src_dir.glob("*.safetensors")):
         tensors.update(load_file(f))
     fp8, bf16 = {}, {}
     for name, tensor in tensors.items():
-        if tensor.dim() == 2 and ".layers." in name and name.endswith("proj.weight"):
+        if tensor.dim() == 2 and ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight")):
             q, scale_inv = quantize_fp8_blockwise(tensor)
             fp8[name], fp8[name + "_scale_inv"] = q, scale_inv
             bf16[name] = dequantize_fp8_blockwise(q, scale_inv)
         else:
-            fp8[name] = bf16[name] = tensor.to(torch.bfloat16)
-    for out, state, qcfg in (
-        (fp8_dir, fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                        "weight_block_size": [128, 128]}),
-        (bf16_dir, bf16, None),
-    ):
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            fp8[name] = bf16[name] = tensor.to(torch.float32 if keep_fp32 else torch.bfloat16)
+    fp8_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for out, state, qcfg in ((fp8_dir, fp8, fp8_config), (bf16_dir, bf16, None)):
+        if out is None:
+            continue
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         cfg = {**config, "torch_dtype": "bfloat16"}
         cfg.pop("dtype", None)
@@ -133,7 +140,7 @@ def fp8_twins(src_dir: str | Path, fp8_dir: str | Path, bf16_dir: str | Path) ->
             cfg["quantization_config"] = qcfg
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return fp8_dir, bf16_dir
+    return fp8_dir, None if bf16_dir is None else Path(bf16_dir)
 
 
 def save_tiny_tokenizer(model_dir: str | Path, text: str, vocab_size: int) -> None:
