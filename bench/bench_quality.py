@@ -10,12 +10,12 @@ windows of ``--eval_seq_len``), and llm-compressor recipes run in their own venv
 dump's ``tokens.safetensors``) and the same eval windows. Every stage is cached under
 ``--out``: a rerun skips what exists and only re-prints the table.
 
-Defaults fit about an hour on a 2-core CPU: 16 calibration windows of 512 tokens,
-2 epochs at lr 2e-2, 8 eval windows of 2048 tokens; W4 uses groups of 64 (576, the
+Defaults fit about two hours on a 2-core CPU: 16 calibration windows of 512 tokens,
+4 epochs (LAC lr 1e-2, LWC lr by weight bits), 8 eval windows of 2048 tokens; W4 uses groups of 64 (576, the
 hidden size, is not a multiple of 128).
 
 Usage:
-    python bench/bench_quality.py [--n_samples 16] [--calib_seq_len 512] [--epochs 2] [--lr 2e-2]
+    python bench/bench_quality.py [--n_samples 16] [--calib_seq_len 512] [--epochs 4] [--lr 1e-2] [--lwc_lr X]
         [--eval_seq_len 2048] [--max_windows 8] [--schemes w8a8c16,...] [--acts static,dynamic]
         [--baselines gptq_w8a8,...]
 """
@@ -103,10 +103,12 @@ def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str)
     tag = f"{scheme}_{act}" + (f"_kv{args.kv_format}" if scheme.endswith("c8") else "")
     rows = []
     for rtn in (True, False):
-        out = args.run_dir / (f"{tag}_rtn" if rtn else f"{tag}_e{args.epochs}_lr{args.lr:g}")
+        lwc = f"{args.lwc_lr:g}" if args.lwc_lr else "auto"
+        out = args.run_dir / (f"{tag}_rtn" if rtn else f"{tag}_e{args.epochs}_lr{args.lr:g}_lwc{lwc}")
         cfg = TrainConfig(model=str(assets.model_dir), data_dir=str(args.run_dir / "calib"), output_dir=str(out),
                           scheme=scheme, act=act, kv_format=args.kv_format,
-                          group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr, rtn=rtn)
+                          group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr,
+                          lwc_lr=args.lwc_lr, rtn=rtn)
         records = run_training(cfg).records()
         seconds = sum(r["seconds"] for r in records)
         label = f"{scheme} {act} {'RTN' if rtn else 'learned'}"
@@ -138,7 +140,8 @@ def baseline_row(assets: Assets, args: argparse.Namespace, py: Path, recipe: str
 def table(rows: list[Row], bf16: float, args: argparse.Namespace) -> str:
     head = (f"SmolLM2-135M, eval {args.max_windows} x {args.eval_seq_len} tokens of the eval split; calibration "
             f"{args.n_samples} x {args.calib_seq_len} tokens of the train split; learned: {args.epochs} epochs, "
-            f"lr {args.lr:g}; W4 group {args.group_size}; C8 {args.kv_format}\n")
+            f"lr {args.lr:g} (LAC), LWC lr {args.lwc_lr or '2e-3 at W8, 1e-2 at W4'}; W4 group {args.group_size}; "
+            f"C8 {args.kv_format}\n")
     lines = [f"{'model':<48} {'ppl':>9} {'vs bf16':>9} {'blk learned<rtn':>16} {'fallbacks':>10} {'wall s':>8}"]
     for r in rows:
         secs = "" if r.seconds is None else f"{r.seconds:.1f}"
@@ -153,8 +156,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n_samples", type=int, default=16, help="calibration windows")
     p.add_argument("--calib_seq_len", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-2, help="activation / KV clip learning rate")
+    p.add_argument("--lwc_lr", type=float, help="weight clip learning rate (default: the trainer's, by bits)")
     p.add_argument("--eval_seq_len", type=int, default=2048)
     p.add_argument("--max_windows", type=int, default=8, help="eval windows (the first N)")
     p.add_argument("--group_size", type=int, default=64, help="W4 group size")

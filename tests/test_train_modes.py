@@ -84,7 +84,8 @@ def test_moe_record_counts_tokens_and_rtn_experts(tiny, tmp_path):
                       act="static", train_mode="moe", epochs=1, min_expert_tokens=40)
     params = run_training(cfg)
     dense, *moe_blocks = params.records("moe")
-    assert list(dense["units"]) == ["mlp"] and dense["expert_tokens"] == [] and dense["units"]["mlp"]["tokens"] == N * SEQ
+    assert list(dense["units"]) == ["mlp"] and dense["expert_tokens"] == []
+    assert dense["units"]["mlp"]["tokens"] == N * SEQ
     config = StreamingModel(model).config
     for record in moe_blocks:
         counts = record["expert_tokens"]

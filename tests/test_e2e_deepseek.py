@@ -1,0 +1,76 @@
+"""The seed's flow on the trained tiny DeepSeek-V3, from its FP8 checkpoint.
+
+dump -> ``--train_mode mla --cls c8`` and ``--train_mode moe --cls bf16`` on block ranges
+into one param dir -> deploy ``w4a8c8`` / ``w8a8c8`` -> eval ppl of the fake-quant model
+and of the deployed folder. Learned must not lose to round-to-nearest on the eval split.
+"""
+
+import json
+
+import pytest
+
+import deploy as deploy_cli
+import eval_ppl
+import extract_calib_data
+import main as main_cli
+from cores.calibrator.params import ParamDir
+from cores.utils.assets import ensure_assets
+from cores.utils.tiny_trained import ensure_tiny_deepseek
+
+SEQ = 256
+EVAL = ["--seq_len", "512", "--max_windows", "4"]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    assets = ensure_assets()
+    tiny = ensure_tiny_deepseek(assets.model_dir.parent)
+    root = tmp_path_factory.mktemp("deepseek")
+    dump = root / "dump"
+    assert extract_calib_data.main(["--model", str(tiny.fp8_dir), "--dataset", str(assets.train_text),
+                                    "--n_samples", "8", "--seq_len", str(SEQ),
+                                    "--output_dir", str(dump)]) == 0
+    return tiny, assets, dump, root
+
+
+def _ppl(model, assets, out, *params):
+    assert eval_ppl.main(["--model", str(model), "--dataset", str(assets.eval_text),
+                          *EVAL, "--output_json", str(out), *params]) == 0
+    return json.loads(out.read_text())["ppl"]
+
+
+def _seed_flow(tiny, dump, out, w_bits, *extra):
+    """mla on blocks [0, 2) and [2, 4), moe on [0, 3) and [3, 4): four independent jobs, one dir."""
+    common = ["--model", str(tiny.fp8_dir), "--data_dir", str(dump), "--output_dir", str(out), "--w_bits",
+              str(w_bits), "--act", "static", "--epochs", "3", *extra]
+    for mode, cls, ranges in (("mla", "c8", ((0, 2), (2, 4))), ("moe", "bf16", ((0, 3), (3, 4)))):
+        for start, end in ranges:
+            assert main_cli.main([*common, "--train_mode", mode, "--cls", cls, "--start_block_idx", str(start),
+                                  "--end_block_idx", str(end)]) == 0
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_learned_beats_rtn_and_deploys(flow, w_bits):
+    tiny, assets, dump, root = flow
+    scheme = f"w{w_bits}a8c8"
+    learned, rtn = root / f"{scheme}_learned", root / f"{scheme}_rtn"
+    _seed_flow(tiny, dump, learned, w_bits)
+    _seed_flow(tiny, dump, rtn, w_bits, "--rtn")
+
+    config = json.loads((tiny.fp8_dir / "config.json").read_text())
+    records = ParamDir(learned).records("moe")
+    for record in records[config["first_k_dense_replace"]:]:
+        counts = record["expert_tokens"]
+        assert len(counts) == config["n_routed_experts"]
+        assert sum(counts) == 8 * SEQ * config["num_experts_per_tok"]
+        assert record["rtn_experts"] == [e for e, c in enumerate(counts) if c < 32]
+    assert ParamDir(learned).scheme().name == scheme
+
+    ppl_learned = _ppl(tiny.fp8_dir, assets, root / "l.json", "--param_dir", str(learned))
+    ppl_rtn = _ppl(tiny.fp8_dir, assets, root / "r.json", "--param_dir", str(rtn))
+    assert ppl_learned <= ppl_rtn
+
+    deployed = root / f"{scheme}_deployed"
+    assert deploy_cli.main(["--input_weight_path", str(tiny.fp8_dir), "--output_weight_path", str(deployed),
+                            "--quant_type", scheme, "--param_dir", str(learned)]) == 0
+    assert _ppl(deployed, assets, root / "d.json") == pytest.approx(ppl_learned, rel=1e-3)
