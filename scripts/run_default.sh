@@ -26,7 +26,7 @@ DEPLOYED=$OUT/${SCHEME}_${ACT}_deployed
 $PY eval_ppl.py --model $M "${EVAL_ARGS[@]}" --output_json $OUT/ppl_bf16.json
 $PY extract_calib_data.py --model $M --dataset $TRAIN --n_samples 8 --seq_len 512 --output_dir $OUT/calib
 $PY main.py --model $M --data_dir $OUT/calib --output_dir $RTN "${Q_ARGS[@]}" --rtn
-$PY main.py --model $M --data_dir $OUT/calib --output_dir $LEARNED "${Q_ARGS[@]}" --epochs 2 --lr 2e-2
+$PY main.py --model $M --data_dir $OUT/calib --output_dir $LEARNED "${Q_ARGS[@]}" --epochs 2
 $PY eval_ppl.py --model $M "${EVAL_ARGS[@]}" --param_dir $RTN --output_json $OUT/ppl_rtn.json
 $PY eval_ppl.py --model $M "${EVAL_ARGS[@]}" --param_dir $LEARNED --output_json $OUT/ppl_learned.json
 $PY deploy.py --input_weight_path $M --output_weight_path $DEPLOYED --quant_type $SCHEME --param_dir $LEARNED \
