@@ -11,11 +11,11 @@ dump's ``tokens.safetensors``) and the same eval windows. Every stage is cached 
 ``--out``: a rerun skips what exists and only re-prints the table.
 
 Defaults fit about two hours on a 2-core CPU: 16 calibration windows of 512 tokens,
-4 epochs (LAC lr 1e-2, LWC lr by weight bits), 8 eval windows of 2048 tokens; W4 uses groups of 64 (576, the
-hidden size, is not a multiple of 128).
+4 epochs (LAC lr by activation mode, LWC lr by weight bits), 8 eval windows of 2048 tokens;
+W4 uses groups of 64 (576, the hidden size, is not a multiple of 128).
 
 Usage:
-    python bench/bench_quality.py [--n_samples 16] [--calib_seq_len 512] [--epochs 4] [--lr 1e-2] [--lwc_lr X]
+    python bench/bench_quality.py [--n_samples 16] [--calib_seq_len 512] [--epochs 4] [--lr X] [--lwc_lr X]
         [--eval_seq_len 2048] [--max_windows 8] [--schemes w8a8c16,...] [--acts static,dynamic]
         [--baselines gptq_w8a8,...]
 """
@@ -28,7 +28,7 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,12 +103,13 @@ def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str)
     tag = f"{scheme}_{act}" + (f"_kv{args.kv_format}" if scheme.endswith("c8") else "")
     rows = []
     for rtn in (True, False):
-        lwc = f"{args.lwc_lr:g}" if args.lwc_lr else "auto"
-        out = args.run_dir / (f"{tag}_rtn" if rtn else f"{tag}_e{args.epochs}_lr{args.lr:g}_lwc{lwc}")
-        cfg = TrainConfig(model=str(assets.model_dir), data_dir=str(args.run_dir / "calib"), output_dir=str(out),
+        cfg = TrainConfig(model=str(assets.model_dir), data_dir=str(args.run_dir / "calib"), output_dir="",
                           scheme=scheme, act=act, kv_format=args.kv_format,
                           group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr,
                           lwc_lr=args.lwc_lr, rtn=rtn)
+        lwc = f"{args.lwc_lr:g}" if args.lwc_lr else "auto"
+        out = args.run_dir / (f"{tag}_rtn" if rtn else f"{tag}_e{args.epochs}_lr{cfg.fit_options.lr:g}_lwc{lwc}")
+        cfg = replace(cfg, output_dir=str(out))
         records = run_training(cfg).records()
         seconds = sum(r["seconds"] for r in records)
         label = f"{scheme} {act} {'RTN' if rtn else 'learned'}"
@@ -140,7 +141,8 @@ def baseline_row(assets: Assets, args: argparse.Namespace, py: Path, recipe: str
 def table(rows: list[Row], bf16: float, args: argparse.Namespace) -> str:
     head = (f"SmolLM2-135M, eval {args.max_windows} x {args.eval_seq_len} tokens of the eval split; calibration "
             f"{args.n_samples} x {args.calib_seq_len} tokens of the train split; learned: {args.epochs} epochs, "
-            f"lr {args.lr:g} (LAC), LWC lr {args.lwc_lr or '2e-3 at W8, 1e-2 at W4'}; W4 group {args.group_size}; "
+            f"LAC lr {args.lr or '1e-2 static, 2e-3 dynamic'}, LWC lr {args.lwc_lr or '2e-3 at W8, 1e-2 at W4'}; "
+            f"W4 group {args.group_size}; "
             f"C8 {args.kv_format}\n")
     lines = [f"{'model':<48} {'ppl':>9} {'vs bf16':>9} {'blk learned<rtn':>16} {'fallbacks':>10} {'wall s':>8}"]
     for r in rows:
@@ -157,7 +159,7 @@ def main() -> None:
     p.add_argument("--n_samples", type=int, default=16, help="calibration windows")
     p.add_argument("--calib_seq_len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-2, help="activation / KV clip learning rate")
+    p.add_argument("--lr", type=float, help="activation / KV clip learning rate (default: the trainer's, by act)")
     p.add_argument("--lwc_lr", type=float, help="weight clip learning rate (default: the trainer's, by bits)")
     p.add_argument("--eval_seq_len", type=int, default=2048)
     p.add_argument("--max_windows", type=int, default=8, help="eval windows (the first N)")
