@@ -58,15 +58,20 @@ def _attention_out(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Ten
     return x + block.self_attn(block.input_layernorm(x), cos, sin)
 
 
+def _store_outputs(job: SubBlockJob, source: Batches, fn) -> HiddenStore:
+    """``fn`` of every sample batch of ``source``, without gradients, in a bf16 ``[n, seq, hidden]`` store."""
+    bs = job.opts.batch
+    store = HiddenStore.create((job.n, job.cos.shape[-2], job.model.hidden_size), torch.bfloat16)
+    with torch.no_grad():
+        for lo in range(0, job.n, bs):
+            store.write(lo, fn(source.get(range(lo, min(job.n, lo + bs)))))
+    return store
+
+
 def train_attention(idx: int, job: SubBlockJob, label: str) -> tuple[dict[str, Tensor], dict]:
     """``--train_mode mla``: the attention sub-block of block ``idx`` (its MLP is never read)."""
     block = job.model.load_block(idx, skip=("mlp.",))
-    bs = job.opts.batch
-    with HiddenStore.create((job.n, job.cos.shape[-2], job.model.hidden_size), torch.bfloat16) as targets:
-        with torch.no_grad():
-            for lo in range(0, job.n, bs):
-                targets.write(lo, _attention_out(block, job.inputs.get(range(lo, min(job.n, lo + bs))), job.cos,
-                                                 job.sin))
+    with _store_outputs(job, job.inputs, lambda x: _attention_out(block, x, job.cos, job.sin)) as targets:
         quantize_block(block, job.scheme, job.ignore, job.lwc, job.lac, scope="self_attn.")
         ys = Batches(targets, job.model.device, job.model.dtype, f"{label}: float attention output")
 
@@ -86,27 +91,14 @@ class _Unit:
     weights: Tensor | None  # None: all 1
 
 
-def _mlp_inputs(block: nn.Module, job: SubBlockJob, label: str) -> HiddenStore:
-    """``post_attention_layernorm(x + attn(norm(x)))`` of every sample, float attention, in bf16."""
-    bs = job.opts.batch
-    store = HiddenStore.create((job.n, job.cos.shape[-2], job.model.hidden_size), torch.bfloat16)
-    with torch.no_grad():
-        for lo in range(0, job.n, bs):
-            h = _attention_out(block, job.inputs.get(range(lo, min(job.n, lo + bs))), job.cos, job.sin)
-            store.write(lo, block.post_attention_layernorm(h))
-    return store
-
-
-def _gather(store: HiddenStore, tokens: Tensor | None, device, dtype, chunk: int = 8) -> Tensor:
-    """Rows ``tokens`` (flat token indices; None: all) of ``store`` as ``[T, hidden]``."""
+def _gather(store: HiddenStore, tokens: Tensor, device, dtype, chunk: int = 8) -> Tensor:
+    """Rows ``tokens`` (flat token indices) of ``store`` as ``[T, hidden]``."""
     n, seq, hidden = store.shape
     parts = []
     for lo in range(0, n, chunk):
         rows = store.read(lo, min(n, lo + chunk)).reshape(-1, hidden)
-        if tokens is not None:
-            inside = tokens[(tokens >= lo * seq) & (tokens < (lo + chunk) * seq)]
-            rows = rows.index_select(0, inside - lo * seq)
-        parts.append(rows)
+        inside = tokens[(tokens >= lo * seq) & (tokens < (lo + chunk) * seq)]
+        parts.append(rows.index_select(0, inside - lo * seq))
     return torch.cat(parts).to(device, dtype)
 
 
@@ -139,13 +131,9 @@ def _unit_loss(module: nn.Module, unit: _Unit, u: Batches, job: SubBlockJob, lab
     """``(batch_loss, rows, batch)`` of one unit: sample rows against a stored float output for
     all-token units, gathered token rows (weighted by the routing weight) for a routed expert."""
     if unit.tokens is None:
-        n, bs = job.n, job.opts.batch
-        targets = stack.enter_context(HiddenStore.create((n, job.cos.shape[-2], job.model.hidden_size), torch.bfloat16))
-        with torch.no_grad():
-            for lo in range(0, n, bs):
-                targets.write(lo, module(u.get(range(lo, min(n, lo + bs)))))
+        targets = stack.enter_context(_store_outputs(job, u, module))
         ys = Batches(targets, job.model.device, job.model.dtype, f"{label}: float output of {unit.name}")
-        return (lambda rows: mse(module(u.get(rows)), ys.get(rows))), n, bs
+        return (lambda rows: mse(module(u.get(rows)), ys.get(rows))), job.n, job.opts.batch
     x = _gather(u.source, unit.tokens, job.model.device, job.model.dtype)
     with torch.no_grad():
         y = module(x)
@@ -163,7 +151,8 @@ def train_mlp(idx: int, job: SubBlockJob, label: str) -> tuple[dict[str, Tensor]
     block = job.model.load_block(idx, skip=("mlp.experts.",))
     state: dict[str, Tensor] = {}
     units_record: dict[str, dict] = {}
-    with _mlp_inputs(block, job, label) as store:
+    mlp_input = lambda x: block.post_attention_layernorm(_attention_out(block, x, job.cos, job.sin))  # noqa: E731
+    with _store_outputs(job, job.inputs, mlp_input) as store:  # float attention
         u = Batches(store, job.model.device, job.model.dtype, f"{label}: MLP input")
         units, counts = _units(block, store, job)
         for unit in units:
