@@ -1,8 +1,8 @@
 """Check every written weight against its source, as it is written.
 
-A quantized linear is checked from the very tensors written for it: its codes
-(unpacked from ``weight_packed`` for W4) times its ``weight_scale``, compared
-with the source weight (FP8 sources dequantized as on load) one run of rows at a
+A quantized linear is checked from the tensors written for it: its codes (the
+integer values that are stored as ``int8``, or packed for W4) times its
+``weight_scale``, compared with the source weight (FP8 sources dequantized as on load) one run of rows at a
 time, while both are in memory: cosine similarity, mean and max absolute error,
 and the relative error ``||W - W_q|| / ||W||``. The checks of a shard are
 recorded with it, so a resumed deploy reports every tensor.
@@ -84,23 +84,30 @@ class WeightCheck:
     def update(self, original: Tensor, codes: Tensor, scale: Tensor) -> None:
         """Add a run of rows: the fp32 ``original`` against ``codes * scale``.
 
+        Every statistic is one reduction over the chunk while it is in cache: the
+        error ``original - codes * scale`` is formed once, its dot products with
+        itself and ``original`` give the norms and the cosine, then its absolute
+        values give the mean and max error.
+
         Args:
             original: Source values, fp32.
-            codes: Their integer codes, same shape.
+            codes: Their integer codes, same shape: ``int8``, or fp32 holding the
+                same integers (:attr:`WeightChunk.levels`, used without a conversion).
             scale: fp32 scales; each covers ``codes.numel() / scale.numel()`` consecutive codes.
         """
         x = original.reshape(-1)
         groups = (scale.numel(), -1)
         error = self.workspace.get("error", x.shape, device=x.device)
-        error.copy_(codes.reshape(-1))  # as floats: torch's mixed-dtype addcmul is several times slower
-        torch.addcmul(x.view(groups), error.view(groups), scale.reshape(-1, 1), value=-1, out=error.view(groups))
+        if codes.dtype != torch.float32:  # as floats: torch's mixed-dtype addcmul is several times slower
+            codes = error.copy_(codes.reshape(-1))
+        torch.addcmul(x.view(groups), codes.reshape(groups), scale.reshape(-1, 1), value=-1, out=error.view(groups))
         s = self.sums
         s["xx"] += float(torch.dot(x, x))
         s["xe"] += float(torch.dot(x, error))
         s["ee"] += float(torch.dot(error, error))
-        lo, hi = torch.aminmax(error)
-        self.max_abs = max(self.max_abs, -float(lo), float(hi))
-        s["abs"] += float(error.abs_().sum())
+        error.abs_()
+        self.max_abs = max(self.max_abs, float(error.amax()))  # NaN propagates to the sums: the check fails
+        s["abs"] += float(error.sum())
         self.count += x.numel()
 
     @torch.no_grad()

@@ -267,7 +267,8 @@ def quantize(
         out: Integer tensor shaped like ``x`` to write the codes into (and return);
             ``dtype`` is then its dtype.
         work: Float scratch tensor shaped like ``x`` (in the dtype of ``x / scale``)
-            for the unrounded quotient; with ``out`` nothing is allocated.
+            for the quotient; it holds the codes as floats on return. With ``out``
+            nothing is allocated.
 
     Returns:
         The codes, in ``dtype``.
@@ -337,7 +338,7 @@ def sigmoid_clip(logit: Tensor, init_logit: float) -> Tensor:
     return torch.sigmoid(logit) / torch.sigmoid(torch.full_like(logit, init_logit))
 
 
-def pack_int4(q: Tensor) -> Tensor:
+def pack_int4(q: Tensor, workspace: Workspace | None = None) -> Tensor:
     """Pack int4 codes into int32 words, compressed-tensors ``pack-quantized`` layout.
 
     Eight consecutive codes along the last dim fill one word; code ``j`` of a word,
@@ -348,6 +349,9 @@ def pack_int4(q: Tensor) -> Tensor:
 
     Args:
         q: ``int8`` codes in ``[-8, 7]``, shape ``[..., in]`` with ``in % 8 == 0``.
+        workspace: Where the intermediate and result buffers come from (a chunked
+            loop keeps one: fresh multi-MiB allocations cost more than the packing);
+            the result is then overwritten by the next call. None: fresh tensors.
 
     Returns:
         ``int32`` tensor ``[..., in // 8]``.
@@ -363,10 +367,13 @@ def pack_int4(q: Tensor) -> Tensor:
         lo, hi = torch.aminmax(q)
         if lo < -8 or hi > 7:
             raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(lo)}, {int(hi)}]")
-    pairs = (q + 8).view(torch.int16)  # code 2k in the low byte, 2k+1 in the high byte
-    packed = pairs >> 4
+    workspace = Workspace() if workspace is None else workspace
+    half = (*q.shape[:-1], q.shape[-1] // 2)
+    offset = torch.add(q, 8, out=workspace.get("pack_offset", tuple(q.shape), torch.int8, q.device))
+    pairs = offset.view(torch.int16)  # code 2k in the low byte, 2k+1 in the high byte
+    packed = torch.bitwise_right_shift(pairs, 4, out=workspace.get("pack_pairs", half, torch.int16, q.device))
     packed |= pairs  # low byte: code 2k | code 2k+1 << 4
-    return packed.to(torch.uint8).view(torch.int32)
+    return workspace.get("pack_words", half, torch.uint8, q.device).copy_(packed).view(torch.int32)
 
 
 def unpack_int4(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:

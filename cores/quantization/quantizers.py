@@ -82,6 +82,8 @@ class WeightChunk(NamedTuple):
         rows: The rows, of the weight's ``[-1, in]`` view.
         weight: Their values in fp32, ``[n, in]``.
         codes: Their ``int8`` codes, ``[n, in]``.
+        levels: The same codes as fp32 values (exactly those of ``codes``), ``[n, in]``: what a check
+            of the dequantized weight multiplies without converting ``codes`` again.
         scale_rows: Their scale rows, of the ``[-1, 1]`` view of the scale.
         scale: The fp32 scales of those rows, ``[n_scales, 1]``; each covers ``codes.numel() / n_scales``
             consecutive values of ``codes``.
@@ -90,6 +92,7 @@ class WeightChunk(NamedTuple):
     rows: slice
     weight: Tensor
     codes: Tensor
+    levels: Tensor
     scale_rows: slice
     scale: Tensor
 
@@ -266,7 +269,7 @@ class WeightQuantizer(Quantizer):
                                       (factors[0][scale_rows], factors[1][scale_rows]))
             quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),  # symmetric
                      work=work[:n].view(-1, block))
-            yield WeightChunk(slice(start, start + n), x, codes[:n], scale_rows, scale)
+            yield WeightChunk(slice(start, start + n), x, codes[:n], work[:n], scale_rows, scale)
 
     @torch.no_grad()
     def quantize_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -327,7 +330,7 @@ class WeightQuantizer(Quantizer):
         ``[-1, cols]`` view of the deployed tensor), each with its
         :class:`WeightChunk`; then ``weight_scale`` (and ``weight_shape``) whole,
         with ``chunk`` None. Chunk tensors are overwritten by the next chunk.
-        ``workspace`` is that of :meth:`iter_chunks`.
+        ``workspace`` is that of :meth:`iter_chunks` (and of the int4 packing).
 
         Raises:
             ValueError: For a bit width that has no deployed format here.
@@ -335,9 +338,10 @@ class WeightQuantizer(Quantizer):
         specs = self.qparam_specs()
         codes_name = next(iter(specs))
         scale = torch.empty(specs["weight_scale"][1], device=weight.device)
+        workspace = Workspace() if workspace is None else workspace
         for chunk in self.iter_chunks(weight, workspace=workspace):
             scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
-            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes), chunk
+            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes, workspace), chunk
         yield "weight_scale", scale, None
         if self.bits == 4:
             yield "weight_shape", torch.tensor(self.shape, dtype=torch.int64), None

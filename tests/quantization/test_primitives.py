@@ -160,6 +160,9 @@ def test_int4_pack_round_trip_matches_compressed_tensors(shape: tuple[int, ...],
     assert torch.equal(unpack_int4(packed, shape), codes)
     assert torch.equal(packed, pack_to_int32(codes, 4))
     assert torch.equal(unpack_from_int32(packed, 4, torch.Size(shape)), codes)
+    workspace = Workspace()
+    for _ in range(2):  # buffers reused: the result is the same
+        assert torch.equal(pack_int4(codes, workspace), packed)
 
 
 def test_quantize_into_buffers_allocates_nothing_new() -> None:
