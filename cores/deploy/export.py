@@ -234,10 +234,10 @@ def export_units(units: list[tuple[str, Entry]], staged: StagedOutput, max_shard
         The weight map of the written index.
     """
     shards = cut_into_shards([spec for _, unit in units for spec in unit.specs], max_shard_bytes)
-    writer = ShardedWriter(staged, list(zip(shard_names(len(shards)), shards)))
-    with tqdm(units, unit="unit") as bar:
+    with ShardedWriter(staged, list(zip(shard_names(len(shards)), shards))) as writer, \
+            tqdm(units, unit="unit") as bar:
         for label, unit in bar:
             bar.set_description(label)
             if any(writer.wanted(spec.name) for spec in unit.specs):
                 unit.write(writer)
-    return writer.finish()
+        return writer.finish()

@@ -54,9 +54,9 @@ def export_bf16(reader: CheckpointReader, staged: StagedOutput, check: Iterable[
         keys = [k for k, f in reader.weight_map.items() if f == shard and not k.endswith(SCALE_INV_SUFFIX)]
         if keys:
             shards.append((shard, source_entry(reader, keys, check)))
-    writer = ShardedWriter(staged, [(shard, entry.specs) for shard, entry in shards])
-    with tqdm(shards, unit="shard") as bar:
+    with ShardedWriter(staged, [(shard, entry.specs) for shard, entry in shards]) as writer, \
+            tqdm(shards, unit="shard") as bar:
         for i, (_, entry) in enumerate(bar):
             bar.set_description(f"shard {i + 1}/{len(shards)}: bfloat16")
             entry.write(writer)
-    return writer.finish()
+        return writer.finish()

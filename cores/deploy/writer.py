@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import struct
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,9 +99,102 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _as_bytes(tensor: Tensor):
-    """The raw bytes of ``tensor`` (native byte order) as a numpy array, without a copy when contiguous on CPU."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+WRITE_PIECE_BYTES = 2 << 20
+"""Size of the buffers that :class:`PieceWriter` copies pieces into and writes from."""
+
+WRITE_BUFFERS = 4
+"""Buffers of a background :class:`PieceWriter`: the bytes in flight at most (8 MiB)."""
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (a bytes-like object) at ``offset`` of ``fd``."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class PieceWriter:
+    """Writes the bytes of tensors at file offsets through a few reused buffers, in the caller or on a thread.
+
+    Each write copies its bytes into a free buffer (a piece of at most
+    :data:`WRITE_PIECE_BYTES`) and writes from there, so the caller may overwrite
+    its tensor as soon as :meth:`write` returns. A tensor that is a view of a
+    memory-mapped source shard is faulted in by that plain copy: handing the
+    mapping to ``write()`` makes the kernel fault it in page by page, about twice
+    as slow. In the background the file writes of one piece overlap the compute of
+    the next (torch and ``os.pwrite`` release the GIL); the bytes in flight are
+    bounded by the buffers. A failed write is raised by the next :meth:`write` or
+    :meth:`flush`.
+
+    Args:
+        background: Write on a thread of its own (then :meth:`close` it) instead of in :meth:`write`.
+        buffers: Buffers in flight (background only).
+    """
+
+    def __init__(self, background: bool = False, buffers: int = WRITE_BUFFERS):
+        self._free: queue.SimpleQueue[Tensor] = queue.SimpleQueue()
+        for _ in range(buffers if background else 1):
+            self._free.put(torch.empty(WRITE_PIECE_BYTES, dtype=torch.uint8))
+        self._jobs: queue.Queue[tuple[int, int, Tensor, int] | None] | None = None
+        self._error: OSError | None = None
+        if background:
+            self._jobs = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="deploy-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fd, offset, buffer, n = job
+            try:
+                if self._error is None:
+                    _pwrite_all(fd, buffer[:n].numpy(), offset)
+            except OSError as err:
+                self._error = err
+            finally:
+                self._free.put(buffer)
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise DeployError(f"writing a shard failed: {self._error}") from self._error
+
+    def write(self, fd: int, offset: int, tensor: Tensor) -> None:
+        """Write the raw bytes of ``tensor`` (native byte order) at ``offset`` of ``fd``.
+
+        Raises:
+            DeployError: When an earlier background write failed.
+        """
+        self._raise()
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, data.numel(), WRITE_PIECE_BYTES):
+            n = min(WRITE_PIECE_BYTES, data.numel() - start)
+            buffer = self._free.get()
+            buffer[:n].copy_(data[start:start + n])
+            if self._jobs is None:
+                try:
+                    _pwrite_all(fd, buffer[:n].numpy(), offset + start)
+                finally:
+                    self._free.put(buffer)
+            else:
+                self._jobs.put((fd, offset + start, buffer, n))
+
+    def flush(self) -> None:
+        """Wait until every write so far is done.
+
+        Raises:
+            DeployError: When one of them failed.
+        """
+        if self._jobs is not None:
+            self._jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Finish the pending writes and stop the thread (errors are left to :meth:`flush`)."""
+        if self._jobs is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
 
 class ShardFile:
@@ -112,11 +207,14 @@ class ShardFile:
     Args:
         path: The final file name; data goes to a hidden temporary name until :meth:`close`.
         specs: The tensors, in the order they will be written.
+        writer: Who writes the pieces (a background one is shared by the shards of a
+            deploy); None: they are written in :meth:`write`.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec]):
+    def __init__(self, path: Path, specs: list[TensorSpec], writer: PieceWriter | None = None):
         self.path, self.specs = path, {s.name: s for s in specs}
         self.tmp = path.with_name(f".{path.name}.tmp")
+        self.writer = PieceWriter() if writer is None else writer
         header: dict = {"__metadata__": {"format": "pt"}}
         self.offsets: dict[str, int] = {}
         offset = 0
@@ -129,32 +227,48 @@ class ShardFile:
         raw += b" " * (-len(raw) % 8)
         self.header, self.data_start, self.size = header, 8 + len(raw), 8 + len(raw) + offset
         self.written = dict.fromkeys(self.specs, 0)
-        self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.unfinished = {s.name for s in specs if s.nbytes}
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
 
     def write(self, name: str, piece: Tensor) -> bool:
         """Append ``piece`` to tensor ``name``; returns whether the tensor is complete.
 
         Raises:
-            DeployError: When the piece's dtype differs from the plan or overruns the tensor.
+            DeployError: When the piece's dtype differs from the plan or overruns the
+                tensor, or an earlier write failed.
         """
         spec, done = self.specs[name], self.written[name]
         nbytes = piece.numel() * piece.element_size()
         if piece.dtype != spec.dtype or done + nbytes > spec.nbytes:
             raise DeployError(f"{name}: got {nbytes} bytes of {piece.dtype} after {done}, but the plan has "
                               f"{spec.nbytes} bytes of {spec.dtype} {list(spec.shape)}")
-        self.file.seek(self.data_start + self.offsets[name] + done)
-        self.file.write(_as_bytes(piece))
+        self.writer.write(self.fd, self.data_start + self.offsets[name] + done, piece)
         self.written[name] = done + nbytes
-        return self.written[name] == spec.nbytes
+        if self.written[name] == spec.nbytes:
+            self.unfinished.discard(name)
+            return True
+        return False
 
     @property
     def complete(self) -> bool:
-        return all(self.written[n] == s.nbytes for n, s in self.specs.items())
+        return not self.unfinished
+
+    def abandon(self) -> None:
+        """Close the file under its temporary name, unfinished (no write of it may be in flight)."""
+        os.close(self.fd)
 
     def close(self) -> None:
-        """Check that every tensor arrived whole and the file reads back as planned, then rename it."""
-        self.file.close()
+        """Wait for its writes, check that every tensor arrived whole and the file reads back as planned,
+        then rename it.
+
+        Raises:
+            DeployError: When a tensor is incomplete, a write failed or the file does not read back.
+        """
+        try:
+            self.writer.flush()
+        finally:
+            os.close(self.fd)
         missing = [n for n, s in self.specs.items() if self.written[n] != s.nbytes]
         if missing:
             raise DeployError(f"{self.path.name}: tensors {missing[:4]} were not written whole")
@@ -263,10 +377,12 @@ class StagedOutput:
 class ShardedWriter:
     """Streams planned tensors into their shards, in plan order.
 
-    Pieces of the tensors of each shard are written as they arrive; a shard is
-    closed, renamed and recorded as soon as its last tensor is complete. Tensors
-    of shards recorded by an earlier run are skipped (:meth:`wanted` says which
-    ones to produce at all).
+    Pieces of the tensors of each shard are handed to a background
+    :class:`PieceWriter` as they arrive; a shard is closed (its writes finished),
+    renamed and recorded as soon as its last tensor is complete. Tensors of shards
+    recorded by an earlier run are skipped (:meth:`wanted` says which ones to
+    produce at all). Use it as a context manager: leaving it stops the background
+    writes, and a shard left unfinished keeps its temporary name.
 
     Args:
         staged: The staged folder; recorded shards that do not match the plan
@@ -284,6 +400,20 @@ class ShardedWriter:
         self.done = {i for i, (name, _) in enumerate(shards) if name in staged.shards}
         self.current: tuple[int, ShardFile] | None = None
         self.checks: dict[str, TensorCheck] = {}
+        self.pieces = PieceWriter(background=True)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish the writes in flight and stop the background writer; an unfinished shard stays a temporary file."""
+        self.pieces.close()
+        if self.current is not None:
+            self.current[1].abandon()
+            self.current = None
 
     def wanted(self, name: str) -> bool:
         """Whether tensor ``name`` still has to be written."""
@@ -308,14 +438,15 @@ class ShardedWriter:
         if self.current is None or self.current[0] != index:
             if self.current is not None:
                 raise DeployError(f"{name} arrived before {self.shards[self.current[0]][0]} was complete")
-            self.current = index, ShardFile(self.staged.partial / self.shards[index][0], self.shards[index][1])
+            self.current = index, ShardFile(self.staged.partial / self.shards[index][0], self.shards[index][1],
+                                            self.pieces)
         shard = self.current[1]
         if shard.write(name, piece) and shard.complete:
+            self.current = None
             shard.close()
             name_, specs = self.shards[index]
             self.staged.record_shard(name_, specs, [self.checks.pop(s.name) for s in specs if s.name in self.checks])
             self.done.add(index)
-            self.current = None
 
     def finish(self) -> dict[str, str]:
         """Check that every shard is written, then write the index; returns its weight map.
