@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=defaults.steps,
                    help=f"optimizer steps (default: {defaults.steps}); other values make another cache")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default: {defaults.seed})")
+    p.add_argument("--outlier_channels", type=int, default=defaults.outlier_channels,
+                   help=f"outlier channels planted in every norm (default: {defaults.outlier_channels}; 0: none)")
+    p.add_argument("--outlier_scale", type=float, default=defaults.outlier_scale,
+                   help=f"their factor, a power of two (default: {defaults.outlier_scale:g})")
     args = p.parse_args(argv)
     setup_logging()
-    settings = dataclasses.replace(defaults, steps=args.steps, seed=args.seed)
+    settings = dataclasses.replace(defaults, steps=args.steps, seed=args.seed,
+                                   outlier_channels=args.outlier_channels, outlier_scale=args.outlier_scale)
     try:
         tiny = ensure_tiny_deepseek(args.assets_dir, settings)
     except AssetError as err:
@@ -44,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bf16: {tiny.model_dir}\nfp8:  {tiny.fp8_dir}\n"
           f"trained {record['train_tokens']} tokens in {record['train_seconds']:.0f} s "
           f"({record['threads']} thread(s)), final loss {record['losses'][-1]['loss']:.3f}\n"
-          f"eval ppl {ev['ppl']:.2f} ({ev['windows']} windows of {ev['seq_len']} tokens of {ev['split']})")
+          f"eval ppl {ev['ppl']:.2f} ({ev['windows']} windows of {ev['seq_len']} tokens of {ev['split']})\n"
+          f"planted outlier channels (x{record['outlier_channels']['scale']:g}): "
+          f"{record['outlier_channels']['channels_by_width']}")
     return 0
 
 

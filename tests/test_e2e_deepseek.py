@@ -18,7 +18,8 @@ from cores.utils.assets import ensure_assets
 from cores.utils.tiny_trained import ensure_tiny_deepseek
 
 SEQ = 256
-EVAL = ["--seq_len", "512", "--max_windows", "4"]
+EVAL = ["--seq_len", "512", "--max_windows", "8"]
+N_SAMPLES = 16  # at 8 x 256 tokens the learned static activation clips overfit: w8a8c8 learned +0.26 % over RTN
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def flow(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
     dump = root / "dump"
     assert extract_calib_data.main(["--model", str(tiny.fp8_dir), "--dataset", str(assets.train_text),
-                                    "--n_samples", "8", "--seq_len", str(SEQ),
+                                    "--n_samples", str(N_SAMPLES), "--seq_len", str(SEQ),
                                     "--output_dir", str(dump)]) == 0
     return tiny, assets, dump, root
 
@@ -62,7 +63,7 @@ def test_learned_beats_rtn_and_deploys(flow, w_bits):
     for record in records[config["first_k_dense_replace"]:]:
         counts = record["expert_tokens"]
         assert len(counts) == config["n_routed_experts"]
-        assert sum(counts) == 8 * SEQ * config["num_experts_per_tok"]
+        assert sum(counts) == N_SAMPLES * SEQ * config["num_experts_per_tok"]
         assert record["rtn_experts"] == [e for e, c in enumerate(counts) if c < 32]
     assert ParamDir(learned).scheme().name == scheme
 

@@ -19,6 +19,7 @@ from cores.models.streaming import StreamingModel
 from cores.utils import tiny_trained
 from cores.utils.assets import AssetError
 from cores.utils.data import load_text, ppl_windows
+from cores.utils.tiny import make_tiny_checkpoint
 from cores.utils.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek
 
 SEQ, WINDOWS = 256, 4
@@ -136,3 +137,43 @@ def test_cache_is_reused_and_rebuilt_when_stale(fake_sources):
 def test_missing_sources_are_named(tmp_path):
     with pytest.raises(AssetError, match="prepare_assets.py"):
         ensure_tiny_deepseek(tmp_path)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 64])
+def test_planted_outlier_channels_keep_the_function(tmp_path, q_lora_rank):
+    """The planted channels change what quantizers see, not what the blocks compute."""
+    folder = make_tiny_checkpoint(tmp_path, "deepseek_v3", q_lora_rank=q_lora_rank, first_k_dense_replace=1)
+    model = StreamingModel(folder, dtype="float32")
+    layers = torch.nn.ModuleList(model.load_block(idx) for idx in range(model.num_blocks))
+    cos, sin = model.rotary(16)
+    x = torch.randn(2, 16, model.config.hidden_size)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        seen = []
+        hook = layers[1].self_attn.kv_a_proj_with_mqa.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        out = x
+        with torch.no_grad():
+            for layer in layers:
+                out = layer(out, cos, sin)
+        hook.remove()
+        return out, seen[0].abs().mean((0, 1))
+
+    before, magnitude_before = run()
+    chosen = tiny_trained.plant_outlier_channels(layers, count=3, scale=16.0, seed=0)
+    after, magnitude_after = run()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    channels = chosen[model.config.hidden_size]
+    assert len(channels) == 3
+    ratio = magnitude_after / magnitude_before
+    torch.testing.assert_close(ratio[channels], torch.full((3,), 16.0))
+    torch.testing.assert_close(ratio[[c for c in range(len(ratio)) if c not in channels]], torch.ones(len(ratio) - 3))
+
+
+def test_trained_model_has_outlier_channels(tiny_deepseek):
+    settings, planted = tiny_deepseek.record["settings"], tiny_deepseek.record["outlier_channels"]
+    channels = planted["channels_by_width"][str(settings["hidden_size"])]
+    assert len(channels) == settings["outlier_channels"] and planted["scale"] == settings["outlier_scale"]
+    with safe_open(tiny_deepseek.model_dir / "model.safetensors", "pt") as f:
+        norm = f.get_tensor("model.layers.2.input_layernorm.weight").float().abs()
+    others = norm[[c for c in range(len(norm)) if c not in channels]]
+    assert float(norm[channels].min()) > 4 * float(others.median())
