@@ -25,6 +25,7 @@ import re
 import shutil
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,29 +116,32 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 class PieceWriter:
-    """Writes the bytes of tensors at file offsets through a few reused buffers, in the caller or on a thread.
+    """Writes the bytes of tensors at file offsets through reused buffers, in the caller or on a thread.
 
-    Each write copies its bytes into a free buffer (a piece of at most
-    :data:`WRITE_PIECE_BYTES`) and writes from there, so the caller may overwrite
-    its tensor as soon as :meth:`write` returns. A tensor that is a view of a
-    memory-mapped source shard is faulted in by that plain copy: handing the
-    mapping to ``write()`` makes the kernel fault it in page by page, about twice
-    as slow. In the background the file writes of one piece overlap the compute of
-    the next (torch and ``os.pwrite`` release the GIL); the bytes in flight are
-    bounded by the buffers. A failed write is raised by the next :meth:`write` or
-    :meth:`flush`.
+    Bytes are copied into a buffer of at most :data:`WRITE_PIECE_BYTES` and
+    written from there: a tensor that is a view of a memory-mapped source shard is
+    faulted in by that plain copy, while handing the mapping to ``write()`` makes
+    the kernel fault it in page by page, about twice as slow.
+
+    In the background, :meth:`write` copies into one of :data:`WRITE_BUFFERS`
+    buffers (waiting for a free one, which bounds the bytes in flight) and the
+    writes run on a thread of their own, in order, with the functions given to
+    :meth:`submit` (closing a shard once its writes are done): torch copies and
+    ``os.pwrite`` release the GIL, so the file writes overlap the caller's
+    compute. The caller may overwrite its tensor as soon as :meth:`write`
+    returns. After a failure the thread skips every later job and the next
+    :meth:`write`, :meth:`submit` or :meth:`flush` raises.
 
     Args:
-        background: Write on a thread of its own (then :meth:`close` it) instead of in :meth:`write`.
-        buffers: Buffers in flight (background only).
+        background: Run the jobs on a thread of its own (then :meth:`close` it) instead of in the caller.
     """
 
-    def __init__(self, background: bool = False, buffers: int = WRITE_BUFFERS):
+    def __init__(self, background: bool = False):
         self._free: queue.SimpleQueue[Tensor] = queue.SimpleQueue()
-        for _ in range(buffers if background else 1):
+        for _ in range(WRITE_BUFFERS if background else 1):
             self._free.put(torch.empty(WRITE_PIECE_BYTES, dtype=torch.uint8))
-        self._jobs: queue.Queue[tuple[int, int, Tensor, int] | None] | None = None
-        self._error: OSError | None = None
+        self._jobs: queue.Queue[tuple[Callable[[], None], Tensor | None] | None] | None = None
+        self._error: Exception | None = None
         if background:
             self._jobs = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="deploy-writer", daemon=True)
@@ -145,14 +149,15 @@ class PieceWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fd, offset, buffer, n = job
+            run, buffer = job
             try:
                 if self._error is None:
-                    _pwrite_all(fd, buffer[:n].numpy(), offset)
-            except OSError as err:
+                    run()
+            except Exception as err:  # raised in the caller by its next call
                 self._error = err
             finally:
-                self._free.put(buffer)
+                if buffer is not None:
+                    self._free.put(buffer)
                 self._jobs.task_done()
         self._jobs.task_done()
 
@@ -164,24 +169,35 @@ class PieceWriter:
         """Write the raw bytes of ``tensor`` (native byte order) at ``offset`` of ``fd``.
 
         Raises:
-            DeployError: When an earlier background write failed.
+            DeployError: When an earlier job failed.
         """
         self._raise()
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         for start in range(0, data.numel(), WRITE_PIECE_BYTES):
-            n = min(WRITE_PIECE_BYTES, data.numel() - start)
             buffer = self._free.get()
-            buffer[:n].copy_(data[start:start + n])
+            piece = buffer[:min(WRITE_PIECE_BYTES, data.numel() - start)].copy_(data[start:start + WRITE_PIECE_BYTES])
             if self._jobs is None:
                 try:
-                    _pwrite_all(fd, buffer[:n].numpy(), offset + start)
+                    _pwrite_all(fd, piece.numpy(), offset + start)
                 finally:
                     self._free.put(buffer)
             else:
-                self._jobs.put((fd, offset + start, buffer, n))
+                self._jobs.put((lambda piece=piece, at=offset + start: _pwrite_all(fd, piece.numpy(), at), buffer))
+
+    def submit(self, run: Callable[[], None]) -> None:
+        """Run ``run()`` once every write before it is done: on the thread, or at once.
+
+        Raises:
+            DeployError: When an earlier job failed (or, at once, whatever ``run`` raises).
+        """
+        self._raise()
+        if self._jobs is None:
+            run()
+        else:
+            self._jobs.put((run, None))
 
     def flush(self) -> None:
-        """Wait until every write so far is done.
+        """Wait until every job so far is done.
 
         Raises:
             DeployError: When one of them failed.
@@ -191,7 +207,7 @@ class PieceWriter:
         self._raise()
 
     def close(self) -> None:
-        """Finish the pending writes and stop the thread (errors are left to :meth:`flush`)."""
+        """Run the pending jobs and stop the thread (a failure is left to :meth:`flush`)."""
         if self._jobs is not None and self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
@@ -259,16 +275,15 @@ class ShardFile:
         os.close(self.fd)
 
     def close(self) -> None:
-        """Wait for its writes, check that every tensor arrived whole and the file reads back as planned,
-        then rename it.
+        """Check that every tensor arrived whole and the file reads back as planned, then rename it.
+
+        Call it once its writes are done: at once when its writer writes in the caller,
+        else through :meth:`PieceWriter.submit` (jobs run in order).
 
         Raises:
-            DeployError: When a tensor is incomplete, a write failed or the file does not read back.
+            DeployError: When a tensor is incomplete or the file does not read back.
         """
-        try:
-            self.writer.flush()
-        finally:
-            os.close(self.fd)
+        os.close(self.fd)
         missing = [n for n, s in self.specs.items() if self.written[n] != s.nbytes]
         if missing:
             raise DeployError(f"{self.path.name}: tensors {missing[:4]} were not written whole")
@@ -378,11 +393,12 @@ class ShardedWriter:
     """Streams planned tensors into their shards, in plan order.
 
     Pieces of the tensors of each shard are handed to a background
-    :class:`PieceWriter` as they arrive; a shard is closed (its writes finished),
-    renamed and recorded as soon as its last tensor is complete. Tensors of shards
-    recorded by an earlier run are skipped (:meth:`wanted` says which ones to
-    produce at all). Use it as a context manager: leaving it stops the background
-    writes, and a shard left unfinished keeps its temporary name.
+    :class:`PieceWriter` as they arrive; once its last tensor is complete, a
+    shard is closed, renamed and recorded by that writer after its writes, while
+    the caller goes on with the next one. Tensors of shards recorded by an
+    earlier run are skipped (:meth:`wanted` says which ones to produce at all).
+    Use it as a context manager: leaving it finishes the jobs in flight (complete
+    shards are recorded) and a shard left unfinished keeps its temporary name.
 
     Args:
         staged: The staged folder; recorded shards that do not match the plan
@@ -409,7 +425,7 @@ class ShardedWriter:
         self.close()
 
     def close(self) -> None:
-        """Finish the writes in flight and stop the background writer; an unfinished shard stays a temporary file."""
+        """Finish the jobs in flight and stop the background writer; an unfinished shard stays a temporary file."""
         self.pieces.close()
         if self.current is not None:
             self.current[1].abandon()
@@ -425,10 +441,12 @@ class ShardedWriter:
             self.checks[name] = check
 
     def write(self, name: str, piece: Tensor) -> None:
-        """Append ``piece`` (the whole tensor, or its next run of rows) to tensor ``name``.
+        """Append ``piece`` (the whole tensor, or its next run of rows) to tensor ``name``; it may be
+        overwritten as soon as this returns.
 
         Raises:
-            DeployError: When tensors arrive out of plan order or do not match it.
+            DeployError: When tensors arrive out of plan order or do not match it,
+                or an earlier write or shard failed.
         """
         index = self.where.get(name)
         if index is None:
@@ -443,17 +461,18 @@ class ShardedWriter:
         shard = self.current[1]
         if shard.write(name, piece) and shard.complete:
             self.current = None
-            shard.close()
             name_, specs = self.shards[index]
-            self.staged.record_shard(name_, specs, [self.checks.pop(s.name) for s in specs if s.name in self.checks])
+            checks = [self.checks.pop(s.name) for s in specs if s.name in self.checks]
+            self.pieces.submit(lambda: (shard.close(), self.staged.record_shard(name_, specs, checks)))
             self.done.add(index)
 
     def finish(self) -> dict[str, str]:
         """Check that every shard is written, then write the index; returns its weight map.
 
         Raises:
-            DeployError: Naming a shard some of whose tensors never arrived.
+            DeployError: Naming a shard some of whose tensors never arrived, or when a write failed.
         """
+        self.pieces.flush()
         missing = [name for i, (name, _) in enumerate(self.shards) if i not in self.done]
         if missing:
             raise DeployError(f"shards {missing} were not completed")
