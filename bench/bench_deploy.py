@@ -14,6 +14,10 @@ Quantized deploys run round-to-nearest (no param dir): the same export path as
 with learned params, minus reading the small param files. ``bfloat16`` runs on
 an FP8 (DeepSeek layout) copy of the model.
 
+Deploy writes its shards on a background thread (the plain copy is one thread): CPU time
+counts both threads, so with a free core a deploy's wall time falls below its CPU
+time, and on a machine busy with other jobs the two threads compete for one core.
+
 Each measurement is repeated (``--repeat``, interleaved) and the fastest run counts,
 so a burst of load from other jobs does not decide the ratio. A deploy is timed into
 an empty folder: deleting a previous output is no part of either side.
