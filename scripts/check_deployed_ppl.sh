@@ -3,7 +3,8 @@
 # (small budget), deploy, and compare the perplexity of the fake-quant model, of the deployed folder
 # through our loader (eval_ppl.py), and of the deployed folder through plain transformers +
 # compressed-tensors (scripts/transformers_ppl.py). Reuses the calibration dump of run_default.sh.
-# SCHEMES="w8a8c8 w4a8c8" ACT=dynamic EPOCHS=2 pick the runs; results land in $OUT.
+# SCHEMES="w8a8c8 w4a8c8" ACT=dynamic EPOCHS=2 WINDOWS=16 pick the runs (WINDOWS: eval windows of 512
+# tokens; a W4A8 dynamic comparison needs 64, see README); results land in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,7 +13,8 @@ OUT=${OUT:-outputs/deployed_check}
 CALIB=${CALIB:-outputs/default/calib}
 ACT=${ACT:-dynamic}
 EPOCHS=${EPOCHS:-2}
-EVAL_ARGS=(--dataset assets/corpus/eval.txt --seq_len 512 --max_windows 16)
+WINDOWS=${WINDOWS:-16}
+EVAL_ARGS=(--dataset assets/corpus/eval.txt --seq_len 512 --max_windows "$WINDOWS")
 [[ -f $CALIB/manifest.json ]] || $PY extract_calib_data.py --model $M --dataset assets/corpus/train.txt \
     --n_samples 8 --seq_len 512 --output_dir "$CALIB"
 ROWS=()
