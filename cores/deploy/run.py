@@ -221,6 +221,19 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
     return staged, reader, scheme, to_verify
 
 
+def serving_warnings(scheme: QuantScheme | None, quantized: list[str]) -> list[str]:
+    """What a serving engine will refuse in a checkpoint of ``scheme`` whose quantized linears are ``quantized``.
+
+    vLLM runs int8 routed experts in fused-MoE kernels that quantize activations per token
+    only: a static input scale on an expert makes it refuse the checkpoint.
+    """
+    if scheme is None or scheme.act_mode != "static" or not any(".mlp.experts." in n for n in quantized):
+        return []
+    return ["the routed experts have static input scales; vLLM's int8 fused-MoE kernels take dynamic "
+            "per-token activations only and refuse them: to serve this MoE model there, train and deploy with "
+            "--act dynamic"]
+
+
 def deploy(cfg: DeployConfig) -> DeployResult:
     """Run one deploy: export, verify, write the report, commit (see the module and :class:`DeployConfig`).
 
@@ -230,6 +243,9 @@ def deploy(cfg: DeployConfig) -> DeployResult:
     """
     start = time.perf_counter()
     staged, reader, scheme, to_verify = _export(cfg)
+    warnings = serving_warnings(scheme, to_verify)
+    for warning in warnings:
+        log.warning("%s", warning)
     written = CheckpointReader(staged.partial)
     checks = staged.checks()
     summ = summary(checks)
@@ -245,7 +261,7 @@ def deploy(cfg: DeployConfig) -> DeployResult:
               "seconds": round(result.seconds, 3),
               "bands": {f"int{bits}": {"GOOD": good, "WARN": warn} for bits, (good, warn) in BANDS.items()}
               | {"bf16": "GOOD when all finite"},
-              "summary": summ, "tensors": [asdict(c) for c in checks]}
+              "serving_warnings": warnings, "summary": summ, "tensors": [asdict(c) for c in checks]}
     atomic_write_text(staged.partial / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     staged.commit()
     if summ["FAIL"]:

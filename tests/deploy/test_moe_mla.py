@@ -27,8 +27,10 @@ from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
+from cores.deploy.run import serving_warnings
 from cores.deploy.format import dequantize_codes, weight_codes
 from cores.models.streaming import StreamingModel
+from cores.quantization import get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader
 from cores.utils.tiny import fp8_twins, make_tiny_checkpoint, save_tiny_tokenizer
 
@@ -213,3 +215,14 @@ def test_loader_refuses_an_mla_cache_with_two_scales(deployed, tmp_path):
     model.load_block(0)
     with pytest.raises(CheckpointError, match=r"k_scale, v_scale of self_attn differ"):
         model.load_block(1)
+
+
+def test_static_experts_are_flagged_for_serving(sources, deployed):
+    """vLLM's int8 fused-MoE kernels take dynamic per-token activations only: a static MoE deploy says so."""
+    report = json.loads((deployed("deepseek_v3", "w8a8c8") / "deploy_report.json").read_text())
+    assert len(report["serving_warnings"]) == 1 and "--act dynamic" in report["serving_warnings"][0]
+    experts = ["model.layers.1.mlp.experts.0.up_proj"]
+    dense = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_a_proj"]
+    assert serving_warnings(get_scheme("w8a8c8", "dynamic"), experts) == []
+    assert serving_warnings(get_scheme("w8a8c8", "static"), dense) == []
+    assert serving_warnings(None, experts) == []
