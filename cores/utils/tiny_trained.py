@@ -395,7 +395,7 @@ def _train(model: _TinyLM, rotary: tuple[torch.Tensor, torch.Tensor], windows: t
             for idx, load in counter.counts.items():
                 gate, load = model.layers[idx].mlp.gate, load.float()
                 gate.e_score_correction_bias += s.bias_update_speed * torch.sign(load.mean() - load)
-        running.append(float(loss))
+        running.append(loss.item())
         if len(running) == 25 or step == s.steps - 1:
             curve.append({"step": step + 1, "loss": round(sum(running) / len(running), 4)})
             bar.set_postfix(loss=curve[-1]["loss"])
