@@ -12,7 +12,7 @@ from cores.calibrator.params import ParamDir, ParamDirError, ParamSet
 from cores.calibrator.quant_block import quantize_block
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.models.streaming import StreamingModel
-from cores.quantization import KVQuantizer, QuantState, get_scheme, set_quant_state
+from cores.quantization import STATIC_EXPERTS_UNSERVED, KVQuantizer, QuantState, get_scheme, set_quant_state
 from cores.utils.perplexity import PplConfig, evaluate_ppl
 from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
@@ -78,11 +78,12 @@ def test_seed_flow_mla_c8_and_moe_bf16_on_block_ranges_into_one_dir(tiny, tmp_pa
                 "--moe_param_path", str(apart / "moe")) == pytest.approx(one_dir, rel=1e-6)
 
 
-def test_moe_record_counts_tokens_and_rtn_experts(tiny, tmp_path):
+def test_moe_record_counts_tokens_and_rtn_experts(tiny, tmp_path, caplog):
     model, _, dump = tiny
     cfg = TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "p"), scheme="w8a8c16",
                       act="static", train_mode="moe", epochs=1, min_expert_tokens=40)
     params = run_training(cfg)
+    assert STATIC_EXPERTS_UNSERVED in caplog.text  # vLLM refuses static input scales on experts
     dense, *moe_blocks = params.records("moe")
     assert list(dense["units"]) == ["mlp"] and dense["expert_tokens"] == []
     assert dense["units"]["mlp"]["tokens"] == N * SEQ
@@ -104,7 +105,7 @@ def test_moe_record_counts_tokens_and_rtn_experts(tiny, tmp_path):
     assert float(state[f"mlp.experts.{rtn[0]}.gate_proj.input_quantizer.absmax"]) > 0
 
 
-def test_moe_holds_one_expert_at_a_time(tiny, tmp_path, monkeypatch):
+def test_moe_holds_one_expert_at_a_time(tiny, tmp_path, monkeypatch, caplog):
     model, _, dump = tiny
     real = StreamingModel.load_submodule
     loaded = []
@@ -118,6 +119,7 @@ def test_moe_holds_one_expert_at_a_time(tiny, tmp_path, monkeypatch):
     run_training(TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "p"), scheme="w8a8c16",
                              act="dynamic", train_mode="moe", epochs=1, start_block_idx=1))
     assert len(loaded) == 2 * 8 and max(loaded) == 0  # no other expert in memory when the next one is read
+    assert STATIC_EXPERTS_UNSERVED not in caplog.text  # dynamic activations serve
 
 
 def test_mla_kv_quantizer_sees_latent_plus_rotary_key(tiny):

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import DEFAULT_IGNORE, get_scheme
+from ..quantization import DEFAULT_IGNORE, STATIC_EXPERTS_UNSERVED, get_scheme
 from ..utils.checkpoint import model_fingerprint
 from ..utils.distributed import Ranks
 from .dump import DumpError, DumpManifest, HiddenDump, boundary_path
@@ -148,6 +148,9 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                         f"{cfg.model} is {fingerprint}); dump this model with extract_calib_data.py")
     scheme = get_scheme(cfg.scheme, cfg.act, cfg.kv_format, cfg.group_size)
     mode = cfg.train_mode
+    routed = getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
+    if routed and mode != "mla" and scheme.act_mode == "static":
+        log.warning("%s: %s", cfg.model, STATIC_EXPERTS_UNSERVED)
     params = ParamDir(cfg.output_dir)
     identity = {
         "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,

@@ -20,7 +20,7 @@ from torch import nn
 from ..calibrator.params import open_params
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
-from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names
+from ..quantization import DEFAULT_IGNORE, STATIC_EXPERTS_UNSERVED, QuantScheme, get_scheme, scheme_names
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text
 from .export import export_units, plan_export
@@ -229,9 +229,7 @@ def serving_warnings(scheme: QuantScheme | None, quantized: list[str]) -> list[s
     """
     if scheme is None or scheme.act_mode != "static" or not any(".mlp.experts." in n for n in quantized):
         return []
-    return ["the routed experts have static input scales; vLLM's int8 fused-MoE kernels take dynamic "
-            "per-token activations only and refuse them: to serve this MoE model there, train and deploy with "
-            "--act dynamic"]
+    return [STATIC_EXPERTS_UNSERVED]
 
 
 def deploy(cfg: DeployConfig) -> DeployResult:

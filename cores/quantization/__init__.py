@@ -42,6 +42,7 @@ from cores.quantization.quantizers import (
 from cores.quantization.schemes import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_IGNORE,
+    STATIC_EXPERTS_UNSERVED,
     QuantScheme,
     get_scheme,
     matches,
@@ -56,6 +57,7 @@ __all__ = [
     "LAC_INIT_LOGIT",
     "LWC_INIT_LOGIT",
     "SCALE_EPS",
+    "STATIC_EXPERTS_UNSERVED",
     "ActMode",
     "ActQuantizer",
     "Granularity",

@@ -35,6 +35,12 @@ the DeepSeek recipe's MLA up-projection ``kv_b_proj`` and V3.2 sparse-attention 
 
 DEFAULT_GROUP_SIZE = 128
 
+STATIC_EXPERTS_UNSERVED = (
+    "the routed experts get static input scales; vLLM's int8 fused-MoE kernels take dynamic per-token "
+    "activations only and refuse them: to serve this MoE model there, train and deploy with --act dynamic"
+)
+"""What training or deploying a MoE model with static activations warns (our loader reads it either way)."""
+
 
 @dataclass(frozen=True)
 class QuantScheme:
