@@ -17,16 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_mib  # noqa: E402
-
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer  # noqa: E402
-
-TEXT_SOURCE = ROOT / "assets" / "corpus" / "train.txt"
+from bench.common import extract_peak_rss, peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +32,7 @@ def main() -> None:
     p.add_argument("--n_samples", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=128)
     args = p.parse_args()
-    if not TEXT_SOURCE.is_file():
-        raise SystemExit(f"{TEXT_SOURCE} is missing: run python scripts/prepare_assets.py first")
-    text = TEXT_SOURCE.read_text()[:200_000]
+    text = train_text(200_000)
     print(f"== peak RSS vs routed experts: deepseek_v3, hidden {args.hidden}, expert width {args.moe_intermediate}, "
           f"{args.layers} blocks, {args.n_samples} x {args.seq_len} tokens, w8a8c16 dynamic, 1 epoch ==")
     rows = {}
@@ -49,18 +41,14 @@ def main() -> None:
         corpus = work / "train.txt"
         corpus.write_text(text)
         for experts in (args.experts, 4 * args.experts):
-            model = make_tiny_checkpoint(
-                work / f"E{experts}", "deepseek_v3", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                moe_intermediate_size=args.moe_intermediate, n_routed_experts=experts, num_experts_per_tok=4,
-                n_group=4, topk_group=2, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=128,
-                kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, vocab_size=4096,
-                num_hidden_layers=args.layers, dtype=torch.bfloat16, initializer_range=0.05)
-            save_tiny_tokenizer(model, text[:100_000], 4096)
-            size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+            model, size = tiny_bf16_model(
+                work / f"E{experts}", "deepseek_v3", text[:100_000], hidden_size=args.hidden,
+                intermediate_size=2 * args.hidden, moe_intermediate_size=args.moe_intermediate,
+                n_routed_experts=experts, num_experts_per_tok=4, n_group=4, topk_group=2, num_attention_heads=8,
+                num_key_value_heads=8, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                v_head_dim=32, num_hidden_layers=args.layers)
             dump = work / f"calib{experts}"
-            peak_rss_mib([sys.executable, "extract_calib_data.py", "--model", str(model), "--dataset", str(corpus),
-                          "--n_samples", str(args.n_samples), "--seq_len", str(args.seq_len), "--output_dir",
-                          str(dump)])
+            extract_peak_rss(model, corpus, args.n_samples, args.seq_len, dump)
             rss = {}
             for mode in ("moe", "block"):
                 rss[mode] = peak_rss_mib([

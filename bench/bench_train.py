@@ -15,16 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_mib  # noqa: E402
-
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer  # noqa: E402
-
-TEXT_SOURCE = ROOT / "assets" / "corpus" / "train.txt"
+from bench.common import extract_peak_rss, peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
 
 
 def main() -> None:
@@ -34,9 +28,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--scheme", default="w8a8c8")
     args = p.parse_args()
-    text = TEXT_SOURCE.read_text()[:400_000] if TEXT_SOURCE.is_file() else None
-    if text is None:
-        raise SystemExit(f"{TEXT_SOURCE} is missing: run python scripts/prepare_assets.py first")
+    text = train_text(400_000)
     print(f"== peak RSS vs depth: hidden 768, intermediate 3072, {args.n_samples} x {args.seq_len} tokens, "
           f"{args.scheme}, 1 epoch ==")
     rows = {}
@@ -45,15 +37,11 @@ def main() -> None:
         corpus = work / "train.txt"
         corpus.write_text(text)
         for n in (args.layers, 4 * args.layers):
-            model = make_tiny_checkpoint(work / f"L{n}", "llama", hidden_size=768, intermediate_size=3072,
-                                         num_attention_heads=12, num_key_value_heads=4, vocab_size=4096,
-                                         num_hidden_layers=n, dtype=torch.bfloat16, initializer_range=0.05)
-            save_tiny_tokenizer(model, text[:200_000], 4096)
-            size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+            model, size = tiny_bf16_model(work / f"L{n}", "llama", text[:200_000], hidden_size=768,
+                                          intermediate_size=3072, num_attention_heads=12, num_key_value_heads=4,
+                                          num_hidden_layers=n)
             dump, params = work / f"calib{n}", work / f"params{n}"
-            extract = peak_rss_mib([sys.executable, "extract_calib_data.py", "--model", str(model), "--dataset",
-                                    str(corpus), "--n_samples", str(args.n_samples), "--seq_len", str(args.seq_len),
-                                    "--output_dir", str(dump)])
+            extract = extract_peak_rss(model, corpus, args.n_samples, args.seq_len, dump)
             train = peak_rss_mib([sys.executable, "main.py", "--model", str(model), "--data_dir", str(dump),
                                   "--output_dir", str(params), "--scheme", args.scheme, "--epochs", "1"])
             rows[n] = (size, extract, train)
