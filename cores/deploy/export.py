@@ -88,7 +88,7 @@ def _linear_entry(name: str, linear: QuantLinear, check: bool, workspace: Worksp
         rows = math.prod(quantizer.shape[:-1])
         for key, tensor, chunk in quantizer.iter_qparams(linear.weight, workspace):
             if chunk is not None and weight_check is not None:  # the codes written, as floats (W4: unpacked)
-                weight_check.update(chunk.weight, chunk.levels, chunk.scale)
+                weight_check.update(chunk.weight, chunk.levels, chunk.scale, overwrite=True)
                 if chunk.rows.stop == rows:
                     writer.add_check(f"{name}.{key}", weight_check.result())
             writer.write(f"{name}.{key}", tensor)

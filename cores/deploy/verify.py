@@ -81,7 +81,7 @@ class WeightCheck:
         self.workspace = Workspace() if workspace is None else workspace
 
     @torch.no_grad()
-    def update(self, original: Tensor, codes: Tensor, scale: Tensor) -> None:
+    def update(self, original: Tensor, codes: Tensor, scale: Tensor, *, overwrite: bool = False) -> None:
         """Add a run of rows: the fp32 ``original`` against ``codes * scale``.
 
         Every statistic is one reduction over the chunk while it is in cache: the
@@ -94,12 +94,17 @@ class WeightCheck:
             codes: Their integer codes, same shape: ``int8``, or fp32 holding the
                 same integers (:attr:`WeightChunk.levels`, used without a conversion).
             scale: fp32 scales; each covers ``codes.numel() / scale.numel()`` consecutive codes.
+            overwrite: The error may be formed in fp32 ``codes`` (a scratch buffer the caller is
+                done with, as the chunk's levels): one buffer less to stream through the cache.
         """
         x = original.reshape(-1)
         groups = (scale.numel(), -1)
-        error = self.workspace.get("error", x.shape, device=x.device)
-        if codes.dtype != torch.float32:  # as floats: torch's mixed-dtype addcmul is several times slower
-            codes = error.copy_(codes.reshape(-1))
+        if overwrite and codes.dtype == torch.float32 and codes.is_contiguous():
+            error = codes.reshape(-1)
+        else:
+            error = self.workspace.get("error", x.shape, device=x.device)
+            if codes.dtype != torch.float32:  # as floats: torch's mixed-dtype addcmul is several times slower
+                codes = error.copy_(codes.reshape(-1))
         torch.addcmul(x.view(groups), codes.reshape(groups), scale.reshape(-1, 1), value=-1, out=error.view(groups))
         s = self.sums
         s["xx"] += float(torch.dot(x, x))

@@ -234,14 +234,15 @@ def compute_scale_zp(min_val: Tensor, max_val: Tensor, bits: int, symmetric: boo
 
 
 def _codes(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, ste: bool, work: Tensor | None = None
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, ste: bool, work: Tensor | None = None,
+    clamp: bool = True,
 ) -> Tensor:
     if ste:
         return (round_ste(x / scale) + zero_point).clamp(qmin, qmax)
     codes = torch.div(x, scale, out=work).round_()
     if zero_point is not None:
         codes.add_(zero_point)
-    return codes.clamp_(qmin, qmax)
+    return codes.clamp_(qmin, qmax) if clamp else codes
 
 
 def quantize(
@@ -254,6 +255,7 @@ def quantize(
     *,
     out: Tensor | None = None,
     work: Tensor | None = None,
+    clamp: bool = True,
 ) -> Tensor:
     """Integer codes ``clamp(round(x / scale) + zp, qmin, qmax)``.
 
@@ -269,11 +271,14 @@ def quantize(
         work: Float scratch tensor shaped like ``x`` (in the dtype of ``x / scale``)
             for the quotient; it holds the codes as floats on return. With ``out``
             nothing is allocated.
+        clamp: False skips the clamp, for a caller whose codes cannot leave the range: the
+            symmetric absmax scale ``max|x| / qmax`` keeps every ``|x / scale|`` within ``qmax``
+            (float rounding moves it by ulps, far from the rounding boundary ``qmax + 0.5``).
 
     Returns:
         The codes, in ``dtype``.
     """
-    codes = _codes(x, scale, zero_point, qmin, qmax, ste=False, work=work)
+    codes = _codes(x, scale, zero_point, qmin, qmax, ste=False, work=work, clamp=clamp)
     return codes.to(dtype) if out is None else out.copy_(codes)
 
 
@@ -338,7 +343,7 @@ def sigmoid_clip(logit: Tensor, init_logit: float) -> Tensor:
     return torch.sigmoid(logit) / torch.sigmoid(torch.full_like(logit, init_logit))
 
 
-def pack_int4(q: Tensor, workspace: Workspace | None = None) -> Tensor:
+def pack_int4(q: Tensor, workspace: Workspace | None = None, *, checked: bool = True) -> Tensor:
     """Pack int4 codes into int32 words, compressed-tensors ``pack-quantized`` layout.
 
     Eight consecutive codes along the last dim fill one word; code ``j`` of a word,
@@ -352,6 +357,8 @@ def pack_int4(q: Tensor, workspace: Workspace | None = None) -> Tensor:
         workspace: Where the intermediate and result buffers come from (a chunked
             loop keeps one: fresh multi-MiB allocations cost more than the packing);
             the result is then overwritten by the next call. None: fresh tensors.
+        checked: False skips the range check, for codes that a clamp to ``[-8, 7]`` (or
+            the absmax scale) made.
 
     Returns:
         ``int32`` tensor ``[..., in // 8]``.
@@ -363,7 +370,7 @@ def pack_int4(q: Tensor, workspace: Workspace | None = None) -> Tensor:
         raise ValueError(f"pack_int4 expects int8 codes, got {q.dtype}")
     if q.ndim == 0 or q.shape[-1] % 8 != 0:
         raise ValueError(f"pack_int4 needs a last dim divisible by 8, got shape {tuple(q.shape)}")
-    if q.numel():
+    if checked and q.numel():
         lo, hi = torch.aminmax(q)
         if lo < -8 or hi > 7:
             raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(lo)}, {int(hi)}]")

@@ -267,8 +267,9 @@ class WeightQuantizer(Quantizer):
             scale_rows = slice(first, first + groups.shape[0])
             scale, _ = self._scale_zp(groups, None if factors is None else
                                       (factors[0][scale_rows], factors[1][scale_rows]))
-            quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),  # symmetric
-                     work=work[:n].view(-1, block))
+            # symmetric; unclipped absmax scales keep every |x / scale| within qmax: no clamp needed
+            quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),
+                     work=work[:n].view(-1, block), clamp=factors is not None)
             yield WeightChunk(slice(start, start + n), x, codes[:n], work[:n], scale_rows, scale)
 
     @torch.no_grad()
@@ -341,7 +342,7 @@ class WeightQuantizer(Quantizer):
         workspace = Workspace() if workspace is None else workspace
         for chunk in self.iter_chunks(weight, workspace=workspace):
             scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
-            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes, workspace), chunk
+            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes, workspace, checked=False), chunk
         yield "weight_scale", scale, None
         if self.bits == 4:
             yield "weight_shape", torch.tensor(self.shape, dtype=torch.int64), None

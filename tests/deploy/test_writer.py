@@ -115,12 +115,15 @@ def test_weight_check_is_the_comparison_of_the_dequantized_weight(bits, granular
     with torch.no_grad():
         quantizer.upbound_factor.uniform_(-1.0, 2.0)
     check, from_levels, workspace = WeightCheck("layer", bits, Workspace()), WeightCheck("layer", bits), Workspace()
+    in_levels = WeightCheck("layer", bits)
     for chunk in quantizer.iter_chunks(weight, chunk_elements=500, workspace=workspace):
         assert torch.equal(chunk.levels, chunk.codes.float())
         check.update(chunk.weight, chunk.codes, chunk.scale)
         from_levels.update(chunk.weight, chunk.levels, chunk.scale)
+        in_levels.update(chunk.weight, chunk.levels, chunk.scale, overwrite=True)  # the error formed in the levels
+        assert not torch.equal(chunk.levels, chunk.codes.float())
     result = check.result()
-    assert from_levels.result() == result
+    assert from_levels.result() == result and in_levels.result() == result
     x, r = weight.double(), quantizer.dequantize_weight(*quantizer.quantize_weight(weight)).double()
     cosine = float((x * r).sum() / (x.norm() * r.norm()))
     assert result.cosine == pytest.approx(cosine, abs=1e-6)

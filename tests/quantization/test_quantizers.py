@@ -26,6 +26,7 @@ from cores.quantization import (
     per_channel,
     per_group,
     per_tensor,
+    quantize,
     scale_shape,
     sqnr_db,
     to_groups,
@@ -183,6 +184,26 @@ def test_chunked_quantization_is_the_fake_quant(bits: int, granularity: Granular
         assert [r.start for r in rows] == [0, *(r.stop for r in rows[:-1])] and rows[-1].stop == 48
         assert torch.equal(quantizer.dequantize_weight(codes, scale), expected)
         assert all(torch.equal(a, b) for a, b in zip((codes, scale), quantizer.quantize_weight(weight), strict=True))
+
+
+@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES, ids=lambda c: str(c))
+def test_round_to_nearest_codes_need_no_clamp(bits: int, granularity: Granularity) -> None:
+    """Without LWC the chunked export skips the clamp: its codes still stay in range and equal the clamped ones,
+    on rows made to sit at the edges (the absmax on either side, all zeros, below the scale floor, huge)."""
+    weight = torch.randn(12, 256, generator=torch.Generator().manual_seed(9))
+    weight[0, 3], weight[1, 7] = 5.0, -5.0  # the absmax on either side: codes +-qmax exactly
+    weight[2] = 0.0
+    weight[3] *= 1e-12  # absmax / qmax below SCALE_EPS: the floored scale
+    weight[4] *= 1e30
+    weight[5] = torch.linspace(-1.0, 1.0, 256)  # many values on the half-way points of some scale
+    quantizer = _weight_quantizer(weight, bits, granularity, lwc=False)
+    codes, scale = quantizer.quantize_weight(weight.bfloat16())
+    qmin, qmax = int_range(bits)
+    x = to_groups(weight.bfloat16().float(), granularity)
+    assert torch.equal(codes, from_groups(quantize(x, scale.reshape(-1, 1), None, qmin, qmax).float(),
+                                          weight.shape).to(torch.int8))
+    assert int(codes.abs().max()) == qmax and int(codes.min()) >= qmin
+    assert torch.equal(quantizer.dequantize_weight(codes, scale), quantizer(weight.bfloat16().float()))
 
 
 @pytest.mark.parametrize(("bits", "granularity"), [(8, per_channel()), (4, per_group(64))], ids=str)
