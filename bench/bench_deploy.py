@@ -14,15 +14,18 @@ Quantized deploys run round-to-nearest (no param dir): the same export path as
 with learned params, minus reading the small param files. ``bfloat16`` runs on
 an FP8 (DeepSeek layout) copy of the model.
 
-Deploy writes its shards on a background thread (the plain copy is one thread): CPU time
-counts both threads, so with a free core a deploy's wall time falls below its CPU
-time, and on a machine busy with other jobs the two threads compete for one core.
+The plain copy runs on one thread. A deploy computes on torch's threads (``OMP_NUM_THREADS``)
+and, on one torch thread, writes its shards on a thread of its own: CPU time counts every
+thread, so with a free core a deploy's wall time falls below its CPU time, and on a
+machine busy with other jobs its threads compete for the cores.
 
 Each measurement is repeated (``--repeat``, interleaved) and the fastest run counts,
-so a burst of load from other jobs does not decide the ratio. A deploy is timed into
-an empty folder: deleting a previous output is no part of either side.
+so a burst of load from other jobs does not decide the ratio. Each run starts after
+``os.sync()``, so no run pays for writing back the dirty pages of the one before. A
+deploy is timed into an empty folder: deleting a previous output is no part of either side.
 
-Usage (on a shared machine, OMP_NUM_THREADS=1 avoids OpenMP spin-waiting against other jobs):
+Usage (OMP_NUM_THREADS=1 measures one core; on a shared machine it also avoids OpenMP spin-waiting
+against other jobs):
     python bench/bench_deploy.py [--hidden 1024] [--layers 8] [--shards 4] [--verify_samples 8] [--repeat 3]
 """
 
@@ -61,6 +64,13 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def start_clean() -> tuple[float, float]:
+    """Flush the dirty pages of earlier runs to disk, then start the clocks: otherwise the kernel throttles
+    whichever run pushes the page cache over its dirty limit, whoever wrote the data."""
+    os.sync()
+    return clocks()
+
+
 def since(start: tuple[float, float]) -> tuple[float, float]:
     now = clocks()
     return now[0] - start[0], now[1] - start[1]
@@ -69,7 +79,7 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
 def plain_copy_seconds(src: Path, dst: Path) -> tuple[float, float]:
     """Read every shard with safetensors and write it back unchanged; the I/O floor of any conversion."""
     dst.mkdir()
-    start = clocks()
+    start = start_clean()
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), str(dst / shard.name), metadata={"format": "pt"})
     seconds = since(start)
@@ -82,7 +92,7 @@ def deploy_seconds(src: Path, out: Path, quant_type: str, max_shard: str,
     """Time one deploy into an empty ``out`` (removing the previous output is not the deploy's work, and
     the plain copy does not pay for it either)."""
     shutil.rmtree(out, ignore_errors=True)
-    start = clocks()
+    start = start_clean()
     deploy(DeployConfig(str(src), str(out), quant_type, max_shard_size=max_shard, verify_samples=verify_samples,
                         overwrite=True))
     return since(start)

@@ -76,6 +76,31 @@ def test_rtn_deploy_equals_rtn_fake_quant(tiny_llama, ids, tmp_path):
     assert StreamingModel(tmp_path / "rtn").sequence_nll(ids)[0] == pytest.approx(fake, rel=1e-6)
 
 
+def test_output_does_not_depend_on_where_shards_are_written(tiny_llama, tmp_path):
+    """On one torch thread the shards are written by a thread of their own, on several by the caller:
+    the same bytes either way, and the same verification (its sums up to the order of torch's reductions)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            deploy(DeployConfig(str(tiny_llama), str(tmp_path / f"t{n}"), "w4a8c16", group_size=GROUP,
+                                max_shard_size="20KB"))
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(p.name for p in (tmp_path / "t1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "t2").iterdir()) and len(files) > 8
+    for name in files:
+        one, two = (tmp_path / "t1" / name).read_bytes(), (tmp_path / "t2" / name).read_bytes()
+        if name == "deploy_report.json":
+            one, two = (json.loads(x)["tensors"] for x in (one, two))
+            assert [(c["name"], c["band"]) for c in one] == [(c["name"], c["band"]) for c in two]
+            one, two = ([c[k] for c in checks for k in ("cosine", "rel_err", "mean_abs_err", "max_abs_err")]
+                        for checks in (one, two))
+            assert one == pytest.approx(two, rel=1e-6)
+        else:
+            assert one == two, name
+
+
 @pytest.mark.parametrize("name,act,kv", [("w8a8c8", "static", "fp8"), ("w4a8c8", "static", "int8")])
 def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, name, act, kv):
     """transformers + compressed-tensors run static input quant, weight dequant and KV fake quant as we do."""

@@ -97,7 +97,17 @@ def test_foreign_staging_folder_is_not_deleted(tiny_llama, tmp_path):
     assert (tmp_path / "out.partial" / "mine.txt").read_text() == "keep"
 
 
-def test_crash_then_rerun_resumes_to_the_same_checkpoint(tiny_llama, params_factory, tmp_path, monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["writer-thread", "writes-in-caller"])
+def torch_threads(request):
+    """Torch's thread count, which decides where a deploy writes (a thread of its own on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+def test_crash_then_rerun_resumes_to_the_same_checkpoint(tiny_llama, params_factory, tmp_path, monkeypatch,
+                                                          torch_threads):
     params = params_factory(tiny_llama, "w8a8c8", "static", "int8")
     cfg = DeployConfig(str(tiny_llama), str(tmp_path / "out"), "w8a8c8", param_dir=str(params.path),
                        max_shard_size="20KB")
