@@ -392,29 +392,28 @@ class StagedOutput:
 class ShardedWriter:
     """Streams planned tensors into their shards, in plan order.
 
-    Pieces of the tensors of each shard are handed to a :class:`PieceWriter`
-    (on a thread of its own, see ``background``) as they arrive; once its last
-    tensor is complete, a shard is closed, renamed and recorded by that writer
-    after its writes, while the caller goes on with the next one. Tensors of
-    shards recorded by an earlier run are skipped (:meth:`wanted` says which ones
-    to produce at all).
+    Pieces of the tensors of each shard are handed to a :class:`PieceWriter` as
+    they arrive; once its last tensor is complete, a shard is closed, renamed and
+    recorded by that writer after its writes, while the caller goes on with the
+    next one. Tensors of shards recorded by an earlier run are skipped
+    (:meth:`wanted` says which ones to produce at all).
     Use it as a context manager: leaving it finishes the jobs in flight (complete
     shards are recorded) and a shard left unfinished keeps its temporary name.
+
+    The writer runs on a thread of its own only when torch computes on one thread.
+    An OpenMP team of several keeps its threads spinning on the other cores between
+    kernels, and a writer thread competing with them made deploys slower than
+    writing in the caller (W4 on 2 cores, timed as ``bench/bench_deploy.py`` does:
+    ratio 0.46 against 0.53), while on one torch thread the writer thread is the
+    faster (0.44 against 0.41).
 
     Args:
         staged: The staged folder; recorded shards that do not match the plan
             make it start over.
         shards: ``(file name, tensors)`` of every shard, in order.
-        background: Write on a thread of its own; None: only when torch computes on
-            one thread. An OpenMP team of several keeps its threads spinning on the
-            other cores between kernels, and a writer thread competing with them made
-            deploys slower than writing in the caller (W4 on 2 cores, timed as
-            ``bench/bench_deploy.py`` does: ratio 0.46 against 0.53), while on one torch
-            thread the writer thread is the faster (0.44 against 0.41).
     """
 
-    def __init__(self, staged: StagedOutput, shards: list[tuple[str, list[TensorSpec]]],
-                 background: bool | None = None):
+    def __init__(self, staged: StagedOutput, shards: list[tuple[str, list[TensorSpec]]]):
         self.staged, self.shards = staged, shards
         self.where = {spec.name: i for i, (_, specs) in enumerate(shards) for spec in specs}
         planned = {name: [s.name for s in specs] for name, specs in shards}
@@ -424,7 +423,7 @@ class ShardedWriter:
         self.done = {i for i, (name, _) in enumerate(shards) if name in staged.shards}
         self.current: tuple[int, ShardFile] | None = None
         self.checks: dict[str, TensorCheck] = {}
-        self.pieces = PieceWriter(torch.get_num_threads() == 1 if background is None else background)
+        self.pieces = PieceWriter(background=torch.get_num_threads() == 1)
 
     def __enter__(self) -> ShardedWriter:
         return self
