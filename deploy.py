@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     p.add_argument("--act", choices=["static", "dynamic"],
                    help="activation scales (default: the param dir's; dynamic without one)")
     p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default: the param dir's)")
+    p.add_argument("--act_format", choices=["int8", "fp8"],
+                   help="activation codes (default: the param dir's, else int8); fp8 needs dynamic activations "
+                        "and a w4 scheme")
     p.add_argument("--group_size", type=int, help="W4 group size (default: the param dir's, else 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--verify_samples", type=int, help="verify N quantized tensors drawn at random (default: all)")

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--output_dir", help="param dir to write")
     p.add_argument("--scheme", choices=scheme_names(), help="quantization scheme (default w8a8c8)")
     p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default static)")
+    p.add_argument("--act_format", choices=["int8", "fp8"],
+                   help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
+                        "w4 scheme (the W4A8 vLLM runs on GPU)")
     p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default fp8)")
     p.add_argument("--group_size", type=int, help="W4 group size along the input dim (default 128)")
     p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "kv_format", "group_size", "lwc",
+    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format", "group_size", "lwc",
                                         "lac", "epochs", "lr", "lwc_lr", "weight_decay", "batch_size", "start_block_idx",
                                         "end_block_idx", "train_mode", "min_expert_tokens", "rtn", "sequential",
                                         "seed")}

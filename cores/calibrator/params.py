@@ -38,7 +38,7 @@ SUB_BLOCK_MODES = ("mla", "moe")
 """Modes that each cover part of a block; together they cover all of it."""
 MODE_KEYS = ("train_mode", "scheme", "rtn", "sequential")
 """Identity fields that belong to one mode; the others are shared by every mode of a dir."""
-SCHEME_SHARED = ("w_bits", "w_granularity", "group_size", "a_bits", "act_mode")
+SCHEME_SHARED = ("w_bits", "w_granularity", "group_size", "a_bits", "act_mode", "act_format")
 """Scheme fields every mode of a dir must share (the KV cache is the attention's own)."""
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import DEFAULT_IGNORE, STATIC_EXPERTS_UNSERVED, get_scheme
+from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, serving_notes
 from ..utils.checkpoint import model_fingerprint
 from ..utils.distributed import Ranks
 from .dump import DumpError, DumpManifest, HiddenDump, boundary_path
@@ -56,6 +56,7 @@ class TrainConfig:
         scheme: ``w8a8c16``, ``w8a8c8``, ``w4a8c16`` or ``w4a8c8``.
         act: ``static`` (per-tensor input scale, learnable clip) or ``dynamic`` (per-token).
         kv_format: ``int8`` or ``fp8`` for C8 schemes.
+        act_format: ``int8`` activation codes, or ``fp8`` (dynamic, int4 weights).
         group_size: W4 group size (default 128).
         lwc: learn weight clipping.
         lac: learn clipping of static activation / KV scales.
@@ -84,6 +85,7 @@ class TrainConfig:
     scheme: str = "w8a8c8"
     act: str = "static"
     kv_format: str = "fp8"
+    act_format: str = "int8"
     group_size: int | None = None
     lwc: bool = True
     lac: bool = True
@@ -113,11 +115,16 @@ class TrainConfig:
                              f"{self.lwc_lr}, {self.batch_size})")
         if self.start_block_idx < 0 or (self.end_block_idx is not None and self.end_block_idx <= self.start_block_idx):
             raise ValueError(f"empty block range [{self.start_block_idx}, {self.end_block_idx})")
-        get_scheme(self.scheme, self.act, self.kv_format, self.group_size)  # validate early
+        self.quant_scheme  # validate early
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        """The scheme these settings ask for (validated)."""
+        return get_scheme(self.scheme, self.act, self.kv_format, self.group_size, self.act_format)
 
     @property
     def fit_options(self) -> FitOptions:
-        w_bits = get_scheme(self.scheme, self.act, self.kv_format, self.group_size).w_bits
+        w_bits = self.quant_scheme.w_bits
         return FitOptions(0 if self.rtn else self.epochs, self.lr or DEFAULT_LAC_LR[self.act], self.weight_decay,
                           self.batch_size, self.seed, self.lwc_lr or DEFAULT_LWC_LR[w_bits])
 
@@ -146,11 +153,11 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     if manifest.model_fingerprint != fingerprint:
         raise DumpError(f"{cfg.data_dir} was dumped from another model (fingerprint {manifest.model_fingerprint}, "
                         f"{cfg.model} is {fingerprint}); dump this model with extract_calib_data.py")
-    scheme = get_scheme(cfg.scheme, cfg.act, cfg.kv_format, cfg.group_size)
+    scheme = cfg.quant_scheme
     mode = cfg.train_mode
     routed = getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
-    if routed and mode != "mla" and scheme.act_mode == "static":
-        log.warning("%s: %s", cfg.model, STATIC_EXPERTS_UNSERVED)
+    for note in serving_notes(scheme, moe=bool(routed) and mode != "mla"):
+        log.warning("%s: %s", cfg.model, note)
     params = ParamDir(cfg.output_dir)
     identity = {
         "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
@@ -208,7 +215,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
 
 def _save(params: ParamDir, idx: int, state: dict, record: dict, cfg: TrainConfig, scheme, n: int, seq: int,
           start: float) -> None:
-    record.update(block=idx, train_mode=cfg.train_mode, scheme=scheme.name, act=scheme.act_mode,
+    record.update(block=idx, train_mode=cfg.train_mode, scheme=scheme.name, act=scheme.act_mode, act_format=scheme.act_format,
                   kv_format=scheme.kv_format, group_size=scheme.group_size, epochs=cfg.epochs, lr=cfg.fit_options.lr,
                   lwc_lr=cfg.fit_options.lwc_lr,
                   batch_size=cfg.batch_size, n_samples=n, seq_len=seq, sequential=cfg.sequential, rtn=cfg.rtn,

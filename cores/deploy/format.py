@@ -58,7 +58,8 @@ def _weight_args(scheme: QuantScheme) -> dict:
 
 def _input_args(scheme: QuantScheme) -> dict:
     static = scheme.act_mode == "static"
-    return {"num_bits": scheme.a_bits, "type": "int", "symmetric": True, "dynamic": not static,
+    return {"num_bits": scheme.a_bits, "type": "float" if scheme.act_format == "fp8" else "int",
+            "symmetric": True, "dynamic": not static,
             "strategy": "tensor" if static else "token", "group_size": None}
 
 
@@ -139,7 +140,8 @@ class DeployedFormat:
         name = f"w{w_bits}a8c{'16' if kv is None else '8'}"
         try:
             scheme = get_scheme(name, act, "fp8" if kv is None or kv.get("type") == "float" else "int8",
-                                weights.get("group_size") if weights.get("strategy") == "group" else None)
+                                weights.get("group_size") if weights.get("strategy") == "group" else None,
+                                "fp8" if acts.get("type") == "float" else "int8")
         except ValueError as err:
             raise CheckpointError(f"unsupported quantization_config: {err}") from err
         want = quantization_config(scheme, ())

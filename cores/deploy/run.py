@@ -20,7 +20,7 @@ from torch import nn
 from ..calibrator.params import open_params
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
-from ..quantization import DEFAULT_IGNORE, STATIC_EXPERTS_UNSERVED, QuantScheme, get_scheme, scheme_names
+from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text
 from .export import export_units, plan_export
@@ -53,6 +53,7 @@ class DeployConfig:
         act: ``static`` or ``dynamic``; with a param dir it must agree with it,
             without one it defaults to ``dynamic`` (static needs calibration).
         kv_format: ``int8`` or ``fp8`` for C8 schemes (checked against the param dir).
+        act_format: ``int8`` or ``fp8`` activations (checked against the param dir; default int8).
         group_size: W4 group size (checked against the param dir).
         overwrite: Replace an existing output folder.
         verify_samples: Verify this many quantized tensors, drawn at random (None: all).
@@ -68,6 +69,7 @@ class DeployConfig:
     moe_param_path: str | None = None
     act: str | None = None
     kv_format: str | None = None
+    act_format: str | None = None
     group_size: int | None = None
     overwrite: bool = False
     verify_samples: int | None = None
@@ -78,7 +80,8 @@ class DeployConfig:
         if self.quant_type not in quant_types():
             raise DeployError(f"unknown quant_type {self.quant_type!r}; valid: {', '.join(quant_types())}")
         if self.quant_type == BF16:
-            given = [k for k in ("param_dir", "mla_param_path", "moe_param_path", "act", "kv_format", "group_size")
+            given = [k for k in ("param_dir", "mla_param_path", "moe_param_path", "act", "kv_format", "act_format",
+                                 "group_size")
                      if getattr(self, k) is not None]
             if given:
                 raise DeployError(f"bfloat16 dequantizes an FP8 checkpoint and takes no {', '.join(given)}")
@@ -138,7 +141,7 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
     params = open_params(cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path)
     if params is None:
         act = cfg.act or "dynamic"
-        scheme = get_scheme(cfg.quant_type, act, cfg.kv_format or "fp8", cfg.group_size)
+        scheme = get_scheme(cfg.quant_type, act, cfg.kv_format or "fp8", cfg.group_size, cfg.act_format or "int8")
         if act == "static" or scheme.kv_bits is not None:
             need = "static input scales" if act == "static" else "KV-cache scales"
             raise DeployError(
@@ -153,12 +156,14 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
         return scheme, list(DEFAULT_IGNORE), rtn, {}
     identity, scheme = params.identity(), params.scheme()
     asked = {"quant_type": (cfg.quant_type, scheme.name), "act": (cfg.act, scheme.act_mode),
-             "kv_format": (cfg.kv_format, scheme.kv_format), "group_size": (cfg.group_size, scheme.group_size)}
+             "kv_format": (cfg.kv_format, scheme.kv_format), "act_format": (cfg.act_format, scheme.act_format),
+             "group_size": (cfg.group_size, scheme.group_size)}
     clash = [f"--{k} {mine} but the params are {theirs}" for k, (mine, theirs) in asked.items()
              if mine is not None and mine != theirs]
     if clash:
         raise DeployError(f"{', '.join(map(str, params.paths))} was trained as {scheme.name} (act "
-                          f"{scheme.act_mode}, kv {scheme.kv_format}, group {scheme.group_size}): {'; '.join(clash)}")
+                          f"{scheme.act_mode} {scheme.act_format}, kv {scheme.kv_format}, group {scheme.group_size}): "
+                          f"{'; '.join(clash)}")
     params.check_model(model_fingerprint(model.reader))
     learned = params.block_transform(model.num_blocks, frozen=False)  # refuses a param dir with blocks missing
     files = {f"{i}/{p.name}": [p.stat().st_size, p.stat().st_mtime_ns] for i, d in enumerate(params.paths)
@@ -222,14 +227,11 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
 
 
 def serving_warnings(scheme: QuantScheme | None, quantized: list[str]) -> list[str]:
-    """What a serving engine will refuse in a checkpoint of ``scheme`` whose quantized linears are ``quantized``.
-
-    vLLM runs int8 routed experts in fused-MoE kernels that quantize activations per token
-    only: a static input scale on an expert makes it refuse the checkpoint.
-    """
-    if scheme is None or scheme.act_mode != "static" or not any(".mlp.experts." in n for n in quantized):
+    """What vLLM refuses or runs otherwise in a checkpoint of ``scheme`` whose quantized linears are ``quantized``
+    (:func:`~cores.quantization.serving_notes`; routed experts are those under ``.mlp.experts.``)."""
+    if scheme is None:
         return []
-    return [STATIC_EXPERTS_UNSERVED]
+    return serving_notes(scheme, moe=any(".mlp.experts." in n for n in quantized))
 
 
 def deploy(cfg: DeployConfig) -> DeployResult:

@@ -2,6 +2,8 @@
 
 from cores.quantization.primitives import (
     FP8_E4M3_MAX,
+    FP8_MIN_RATIO,
+    FP8_MIN_SCALE,
     SCALE_EPS,
     Granularity,
     GranularityKind,
@@ -11,6 +13,7 @@ from cores.quantization.primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_fp8,
+    fp8_row_scales,
     from_groups,
     group_range,
     int_range,
@@ -31,6 +34,7 @@ from cores.quantization.qlinear import QuantLinear, quantize_linears, set_quant_
 from cores.quantization.quantizers import (
     LAC_INIT_LOGIT,
     LWC_INIT_LOGIT,
+    ActFormat,
     ActMode,
     ActQuantizer,
     KVFormat,
@@ -48,16 +52,20 @@ from cores.quantization.schemes import (
     matches,
     register_scheme,
     scheme_names,
+    serving_notes,
 )
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_IGNORE",
     "FP8_E4M3_MAX",
+    "FP8_MIN_RATIO",
+    "FP8_MIN_SCALE",
     "LAC_INIT_LOGIT",
     "LWC_INIT_LOGIT",
     "SCALE_EPS",
     "STATIC_EXPERTS_UNSERVED",
+    "ActFormat",
     "ActMode",
     "ActQuantizer",
     "Granularity",
@@ -75,6 +83,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_fp8",
+    "fp8_row_scales",
     "from_groups",
     "get_scheme",
     "group_range",
@@ -91,6 +100,7 @@ __all__ = [
     "round_ste",
     "scale_shape",
     "scheme_names",
+    "serving_notes",
     "set_quant_state",
     "sigmoid_clip",
     "sqnr_db",

@@ -306,7 +306,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     return dequantize(_codes(x, scale, zero_point, qmin, qmax, ste=True), scale, zero_point)
 
 
-def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+def fake_quantize_fp8(x: Tensor, scale: Tensor, reciprocal: bool = False) -> Tensor:
     """float8-e4m3fn quantize-dequantize with a straight-through cast.
 
     ``(x / scale)`` is clamped to ``±448``, cast to ``float8_e4m3fn`` and back, and
@@ -315,13 +315,60 @@ def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     Args:
         x: Values (fp32 or wider recommended).
         scale: Positive scale broadcasting against ``x``.
+        reciprocal: Compute ``x * (1 / scale)`` instead of ``x / scale``, as vLLM's dynamic
+            per-token fp8 quantization does (the two differ by an ulp now and then).
 
     Returns:
         The fake-quantized values, in the dtype of ``x``.
     """
-    scaled = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    scaled = (x * scale.reciprocal() if reciprocal else x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     cast = scaled.to(torch.float8_e4m3fn).to(scaled.dtype)
     return ((cast - scaled).detach() + scaled) * scale
+
+
+FP8_MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512)
+"""Smallest scale of vLLM's dynamic fp8 quantization (per token, or per row of the W4A8-FP8 group scales)."""
+
+
+FP8_MIN_RATIO = 8 * 2.0**-9
+"""Smallest nonzero group-scale ratio of the W4A8-FP8 grid: 8 times the smallest fp8-e4m3 subnormal."""
+
+
+def fp8_row_scales(scale: Tensor) -> Tensor:
+    """Group scales on the grid that vLLM's int4-weight / fp8-activation (W4A8-FP8) kernels hold.
+
+    Those kernels keep each group scale as a float8-e4m3 value times a per-row fp32 scale:
+    on load they take ``c = max(max(row) / 448, FP8_MIN_SCALE)``, cast ``row / c`` to fp8,
+    divide it by 8 and cast again, and multiply back by ``8 c``. A scale off that grid would
+    be served changed by up to 1/16. This returns scales near ``scale`` that the trip leaves
+    unchanged, so every consumer (vLLM, compressed-tensors, our loader) dequantizes with the
+    same values. Per row, ``c`` is ``max(row) / 448`` rounded up to 4 significant bits, the
+    row's largest scale becomes exactly ``448 c`` and every other one ``c`` times its ratio to
+    ``c`` rounded as the kernels round it; the products have at most 8 significant bits, so
+    bf16 (vLLM reads the scales in the model's dtype) holds them exactly. Rows whose
+    ``max / 448`` is below :data:`FP8_MIN_SCALE` take that floor for ``c``, as the kernels do;
+    their scales are not bf16 values, but the kernels' trip recovers each fp8 ratio from the
+    bf16 rounding (2^-9 relative, far inside half an fp8 step). A ratio the kernels would
+    flush to 0 is raised to their smallest nonzero one (:data:`FP8_MIN_RATIO`), so no group
+    loses its weights.
+
+    Args:
+        scale: Positive group scales, ``[rows, groups]`` (one row per output channel).
+
+    Returns:
+        The scales on the grid, fp32, same shape; the gradient is the identity.
+    """
+    s = scale.detach().float()
+    top = s.amax(dim=-1, keepdim=True)
+    mantissa, exponent = torch.frexp(top / FP8_E4M3_MAX)
+    c = torch.ldexp(torch.ceil(mantissa * 16) / 16, exponent)
+    floored = top / FP8_E4M3_MAX < FP8_MIN_SCALE
+    c = torch.where(floored, torch.full_like(c, FP8_MIN_SCALE), c)
+    ratio = (s / c).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    ratio = ((ratio / 8).to(torch.float8_e4m3fn).float() * 8).clamp(min=FP8_MIN_RATIO)
+    ratio = torch.where((s == top) & ~floored, torch.full_like(ratio, FP8_E4M3_MAX), ratio)
+    grid = ratio * c
+    return (grid - scale).detach() + scale if scale.requires_grad else grid
 
 
 def sigmoid_clip(logit: Tensor, init_logit: float) -> Tensor:

@@ -73,10 +73,12 @@ class QuantLinear(nn.Module):
         """
         device = linear.weight.device
         weight_quantizer = WeightQuantizer(
-            linear.weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=lwc, device=device
+            linear.weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=lwc, device=device,
+            fp8_scales=scheme.act_format == "fp8",
         )
         static = scheme.act_mode == "static"
-        input_quantizer = ActQuantizer(scheme.a_bits, scheme.act_mode, lac=lac and static, device=device)
+        input_quantizer = ActQuantizer(scheme.a_bits, scheme.act_mode, lac=lac and static, device=device,
+                                       fmt=scheme.act_format)
         return cls(linear, weight_quantizer, input_quantizer)
 
     def _quantizers(self) -> list[Quantizer]:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from cores.quantization.primitives import (
     FP8_E4M3_MAX,
+    FP8_MIN_SCALE,
     SCALE_EPS,
     Granularity,
     Workspace,
@@ -37,6 +38,7 @@ from cores.quantization.primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_fp8,
+    fp8_row_scales,
     from_groups,
     group_range,
     int_range,
@@ -67,7 +69,9 @@ sigmoid is steepest: slope 0.5 instead of 0.018 at OmniQuant's 4.0. On SmolLM2 b
 where a logit of 4.0 reached only 0.39."""
 
 ActMode = Literal["static", "dynamic"]
+ActFormat = Literal["int8", "fp8"]
 KVFormat = Literal["int8", "fp8"]
+
 
 
 WEIGHT_CHUNK_ELEMENTS = 1 << 20
@@ -172,6 +176,9 @@ class WeightQuantizer(Quantizer):
         granularity: Per-channel or per-group (any :class:`Granularity` works).
         lwc: Learn clipping bounds.
         device: Device of the clipping parameters.
+        fp8_scales: Put the group scales of each output row on the grid vLLM's W4A8-FP8
+            kernels hold them in (:func:`~cores.quantization.primitives.fp8_row_scales`), and
+            round the codes with those scales.
 
     Raises:
         ValueError: When the group size does not divide the input dim.
@@ -184,6 +191,7 @@ class WeightQuantizer(Quantizer):
         granularity: Granularity,
         lwc: bool = False,
         device: torch.device | str | None = None,
+        fp8_scales: bool = False,
     ) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
@@ -191,6 +199,8 @@ class WeightQuantizer(Quantizer):
         self.granularity = granularity
         self.qmin, self.qmax = int_range(bits)
         self.lwc = lwc
+        self.fp8_scales = fp8_scales
+        self.groups_per_row = self.shape[-1] // block_size(self.shape, granularity)
         n_rows = math.prod(self.shape) // block_size(self.shape, granularity)
         for name in ("upbound_factor", "lowbound_factor"):
             param = nn.Parameter(torch.full((n_rows, 1), LWC_INIT_LOGIT, device=device)) if lwc else None
@@ -214,7 +224,10 @@ class WeightQuantizer(Quantizer):
         if factors is not None:
             hi = hi * factors[0]
             lo = lo * factors[1]
-        return compute_scale_zp(lo, hi, self.bits, symmetric=True)
+        scale, zero_point = compute_scale_zp(lo, hi, self.bits, symmetric=True)
+        if self.fp8_scales:
+            scale = fp8_row_scales(scale.view(-1, self.groups_per_row)).view(scale.shape)
+        return scale, zero_point
 
     def _groups(self, weight: Tensor) -> Tensor:
         self._check_shape(weight)
@@ -269,7 +282,7 @@ class WeightQuantizer(Quantizer):
                                       (factors[0][scale_rows], factors[1][scale_rows]))
             # symmetric; unclipped absmax scales keep every |x / scale| within qmax: no clamp needed
             quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),
-                     work=work[:n].view(-1, block), clamp=factors is not None)
+                     work=work[:n].view(-1, block), clamp=factors is not None or self.fp8_scales)
             yield WeightChunk(slice(start, start + n), x, codes[:n], work[:n], scale_rows, scale)
 
     @torch.no_grad()
@@ -374,15 +387,18 @@ class WeightQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return (
             f"shape={self.shape}, bits={self.bits}, granularity={self.granularity}, lwc={self.lwc}, "
+            f"fp8_scales={self.fp8_scales}, "
             f"{super().extra_repr()}"
         )
 
 
 class ActQuantizer(Quantizer):
-    """Symmetric integer activation quantizer, static per-tensor or dynamic per-token.
+    """Symmetric activation quantizer: int8 static per-tensor or dynamic per-token, or fp8 dynamic per-token.
 
     ``dynamic``: the per-token absmax scale is recomputed on every call, as the
     serving engine does at run time; nothing is observed, learned or exported.
+    With ``fmt="fp8"`` the token is cast to float8-e4m3 at scale ``absmax / 448``
+    (floored at :data:`FP8_MIN_SCALE`), as vLLM's W4A8-FP8 linears do.
     ``static``: one per-tensor scale from the running absmax observed in
     ``CALIBRATE``; with ``lac=True`` a learnable clip (logit ``clip_factor``,
     exactly 1 at init) multiplies that absmax. The exported ``input_scale`` is
@@ -393,9 +409,10 @@ class ActQuantizer(Quantizer):
         mode: ``"static"`` or ``"dynamic"``.
         lac: Learn the clip of a static scale.
         device: Device of the calibration buffer and clip parameter.
+        fmt: ``"int8"`` codes, or ``"fp8"`` (dynamic mode only).
 
     Raises:
-        ValueError: On an unknown mode, or ``lac`` with a dynamic mode.
+        ValueError: On an unknown mode or format, ``lac`` with a dynamic mode, or fp8 with a static one.
     """
 
     def __init__(
@@ -404,16 +421,20 @@ class ActQuantizer(Quantizer):
         mode: ActMode = "static",
         lac: bool = False,
         device: torch.device | str | None = None,
+        fmt: ActFormat = "int8",
     ) -> None:
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise ValueError(f"activation mode must be 'static' or 'dynamic', got {mode!r}")
+        if fmt not in ("int8", "fp8") or (fmt == "fp8" and mode != "dynamic"):
+            raise ValueError(f"activation format must be 'int8', or 'fp8' with a dynamic mode; got {fmt!r}, {mode!r}")
         if lac and mode == "dynamic":
             raise ValueError(
                 "learned activation clipping needs a static scale; a dynamic scale is recomputed at run time"
             )
         self.bits = bits
         self.mode = mode
+        self.fmt = fmt
         self.lac = lac
         self.qmin, self.qmax = int_range(bits)
         static = mode == "static"
@@ -458,6 +479,10 @@ class ActQuantizer(Quantizer):
 
     def fake_quant(self, x: Tensor) -> Tensor:
         x32 = x.float()
+        if self.mode == "dynamic" and self.fmt == "fp8":
+            # as vLLM's per-token fp8 quantization: x times the reciprocal of the floored absmax scale
+            scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp(min=FP8_MIN_SCALE)
+            return fake_quantize_fp8(x32, scale, reciprocal=True).to(x.dtype)
         if self.mode == "dynamic":
             lo, hi = group_range(x32, per_token())
             scale, zero_point = compute_scale_zp(lo, hi, self.bits)
@@ -475,7 +500,7 @@ class ActQuantizer(Quantizer):
         return {"input_scale": self._export_scale()} if self.mode == "static" else {}
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, lac={self.lac}, {super().extra_repr()}"
+        return f"bits={self.bits}, mode={self.mode}, fmt={self.fmt}, lac={self.lac}, {super().extra_repr()}"
 
 
 class KVQuantizer(ActQuantizer):

@@ -7,8 +7,10 @@
 | w4a8c16   | int4, groups of 128 (input)  | int8        | bf16         |
 | w4a8c8    | int4, groups of 128 (input)  | int8        | int8 or fp8  |
 
-All symmetric. Activations are static per-tensor or dynamic per-token; the KV
-format and the W4 group size are chosen in :func:`get_scheme`.
+All symmetric. Activations are int8, static per-tensor or dynamic per-token, or
+float8-e4m3 dynamic per-token with int4 weights (what vLLM's W4A8-FP8 kernels run
+on GPU); the activation format, the KV format and the W4 group size are chosen in
+:func:`get_scheme`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from cores.quantization.primitives import Granularity, per_channel, per_group, per_tensor, per_token
-from cores.quantization.quantizers import ActMode, KVFormat
+from cores.quantization.quantizers import ActFormat, ActMode, KVFormat
 
 DEFAULT_IGNORE: tuple[str, ...] = (
     "lm_head",
@@ -41,6 +43,20 @@ STATIC_EXPERTS_UNSERVED = (
 )
 """What training or deploying a MoE model with static activations warns (our loader reads it either way)."""
 
+W4_STATIC_INT8_UNSERVED = (
+    "vLLM has no kernel for int4 weights with static int8 activations and refuses this checkpoint "
+    "('No compressed-tensors compatible scheme was found'): for vLLM use --act dynamic (int8 per token), "
+    "or --act dynamic --act_format fp8 on Hopper GPUs"
+)
+W4A8_FP8_HOPPER_ONLY = (
+    "int4 weights with fp8 activations run in vLLM's W4A8-FP8 kernels on Hopper GPUs (compute capability 9.0) "
+    "only; vLLM refuses the checkpoint elsewhere, its CPU build included"
+)
+KV_INT8_NOT_VLLM = (
+    "an int8 KV cache is the NPU engines' C8; vLLM caches fp8 and would apply these int8 scales to an fp8 cache, "
+    "which is not the forward trained here: deploy with --kv_format fp8 for vLLM"
+)
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -55,6 +71,8 @@ class QuantScheme:
         act_mode: ``"static"`` per-tensor input scale or ``"dynamic"`` per-token.
         kv_bits: KV-cache width (8), or ``None`` to keep the cache in bf16.
         kv_format: ``"int8"`` or ``"fp8"`` when ``kv_bits`` is set; ``None`` otherwise.
+        act_format: ``"int8"`` activation codes, or ``"fp8"`` (float8-e4m3, dynamic per-token,
+            int4 weights only: the W4A8 that vLLM runs on GPU).
     """
 
     name: str
@@ -65,6 +83,7 @@ class QuantScheme:
     act_mode: ActMode
     kv_bits: int | None
     kv_format: KVFormat | None
+    act_format: ActFormat = "int8"
 
     def __post_init__(self) -> None:
         if self.w_bits not in (4, 8):
@@ -83,6 +102,14 @@ class QuantScheme:
             raise ValueError(f"{self.name}: a_bits must be 8, got {self.a_bits}")
         if self.act_mode not in ("static", "dynamic"):
             raise ValueError(f"{self.name}: act_mode must be 'static' or 'dynamic', got {self.act_mode!r}")
+        if self.act_format not in ("int8", "fp8"):
+            raise ValueError(f"{self.name}: act_format must be 'int8' or 'fp8', got {self.act_format!r}")
+        if self.act_format == "fp8" and (self.act_mode != "dynamic" or self.w_bits != 4):
+            raise ValueError(
+                f"{self.name}: fp8 activations are dynamic per-token with int4 weights (vLLM's W4A8-FP8 kernels); "
+                f"got {self.act_mode} activations with {self.w_bits}-bit weights: use --act dynamic with a w4 "
+                "scheme, or int8 activations"
+            )
         if self.kv_bits is None:
             if self.kv_format is not None:
                 raise ValueError(f"{self.name}: kv_format {self.kv_format!r} given without kv_bits")
@@ -128,6 +155,7 @@ def get_scheme(
     act: ActMode = "static",
     kv_format: KVFormat = "fp8",
     group_size: int | None = None,
+    act_format: ActFormat = "int8",
 ) -> QuantScheme:
     """Look up a registered scheme and apply the per-run choices.
 
@@ -136,6 +164,7 @@ def get_scheme(
         act: ``"static"`` (per-tensor, learnable clip) or ``"dynamic"`` (per-token).
         kv_format: ``"int8"`` or ``"fp8"``; ignored by schemes with a bf16 cache.
         group_size: Override the weight group size of a group scheme.
+        act_format: ``"int8"`` or ``"fp8"`` (dynamic activations with int4 weights).
 
     Returns:
         The validated scheme.
@@ -154,6 +183,7 @@ def get_scheme(
         act_mode=act,
         kv_format=kv_format if base.kv_bits is not None else None,
         group_size=base.group_size if group_size is None else group_size,
+        act_format=act_format,
     )
 
 
@@ -178,6 +208,31 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
         elif fnmatch.fnmatchcase(name, pattern):
             return True
     return False
+
+
+def serving_notes(scheme: QuantScheme, moe: bool = False) -> list[str]:
+    """What vLLM (0.32, from its compressed-tensors scheme selection) refuses or runs otherwise for ``scheme``.
+
+    Args:
+        scheme: The scheme of a checkpoint.
+        moe: Whether the model has routed experts that the scheme quantizes.
+
+    Returns:
+        One message per problem, each naming the alternative; empty when vLLM runs the scheme as trained.
+    """
+    notes = []
+    if moe and scheme.act_mode == "static":
+        notes.append(STATIC_EXPERTS_UNSERVED)
+    if scheme.w_bits == 4 and scheme.act_mode == "static":
+        notes.append(W4_STATIC_INT8_UNSERVED)
+    if scheme.act_format == "fp8":
+        notes.append(W4A8_FP8_HOPPER_ONLY)
+        if scheme.group_size != 128:
+            notes.append(f"vLLM's W4A8-FP8 kernels take groups of 128 only and refuse groups of {scheme.group_size}: "
+                         "use --group_size 128 where the model's dims allow it, or int8 activations")
+    if scheme.kv_format == "int8":
+        notes.append(KV_INT8_NOT_VLLM)
+    return notes
 
 
 register_scheme(QuantScheme("w8a8c16", 8, "channel", None, 8, "static", None, None))

@@ -6,24 +6,28 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from compressed_tensors.quantization import QuantizationConfig
 from transformers import AutoModelForCausalLM
+from vllm_reference import vllm_w4a8_fp8_scales
 
 import eval_ppl
 from deploy_helpers import GROUP, TEXT, logits
 from cores.calibrator.quant_block import freeze, quantize_block
 from cores.deploy import DeployConfig, deploy
+from cores.deploy.format import DeployedFormat
 from cores.models.streaming import StreamingModel
 from cores.quantization import DEFAULT_IGNORE, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointReader, model_fingerprint
 
 CASES = [("w8a8c16", "static", "fp8"), ("w8a8c16", "dynamic", "fp8"), ("w8a8c8", "static", "fp8"),
          ("w8a8c8", "static", "int8"), ("w8a8c8", "dynamic", "fp8"), ("w4a8c16", "static", "fp8"),
-         ("w4a8c16", "dynamic", "fp8"), ("w4a8c8", "static", "fp8"), ("w4a8c8", "dynamic", "int8")]
+         ("w4a8c16", "dynamic", "fp8"), ("w4a8c8", "static", "fp8"), ("w4a8c8", "dynamic", "int8"),
+         ("w4a8c16", "dynamic", "fp8", "fp8"), ("w4a8c8", "dynamic", "fp8", "fp8")]
 
 
-@pytest.mark.parametrize("name,act,kv", CASES)
-def test_loader_equals_fake_quant_eval(deployed, tiny_llama, ids, name, act, kv):
-    params, out = deployed(name, act, kv)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_loader_equals_fake_quant_eval(deployed, tiny_llama, ids, case):
+    params, out = deployed(*case)
     fake, _ = StreamingModel(tiny_llama).sequence_nll(ids, block_transform=params.block_transform(2))
     ours, _ = StreamingModel(out).sequence_nll(ids)
     plain, _ = StreamingModel(tiny_llama).sequence_nll(ids)
@@ -145,3 +149,24 @@ def test_eval_ppl_on_deployed_equals_fake_quant(deployed, tiny_llama, tmp_path):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
     # a deployed folder already carries its quantization: params on top of it are refused
     assert eval_ppl.main(["--model", str(out), "--param_dir", str(params.path), *args]) == 2
+
+
+def test_w4a8_fp8_layout_is_what_vllm_loads(deployed, tiny_llama, ids):
+    """int4 weights + fp8 per-token activations: the config group vLLM maps to CompressedTensorsW4A8Fp8, the
+    packed int4 weights, group scales already on the fp8 grid its kernels keep (they load unchanged), no
+    input scales; compressed-tensors parses it back to the same scheme."""
+    params, out = deployed("w4a8c8", "dynamic", "fp8", "fp8")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert group["format"] == "pack-quantized" and group["weights"]["strategy"] == "group"
+    assert group["input_activations"] == {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                                          "strategy": "token", "group_size": None}
+    parsed = QuantizationConfig.model_validate(config).config_groups["group_0"].input_activations
+    assert parsed.type == "float" and parsed.dynamic is True
+    assert DeployedFormat.from_config({"quantization_config": config}).scheme == params.scheme()
+    reader = CheckpointReader(out)
+    scales = [k for k in reader.keys if k.endswith("weight_scale")]
+    assert scales and not any(k.endswith("input_scale") for k in reader.keys)
+    for key in scales:
+        scale = reader.read([key])[key]
+        assert torch.equal(vllm_w4a8_fp8_scales(scale), scale), key

@@ -8,9 +8,12 @@ from compressed_tensors.compressors.naive_quantized import NaiveQuantizationComp
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+from vllm_reference import vllm_per_token_fp8, vllm_w4a8_fp8_scales
+
 from cores.quantization import (
     LAC_INIT_LOGIT,
     FP8_E4M3_MAX,
+    FP8_MIN_SCALE,
     ActQuantizer,
     Granularity,
     KVQuantizer,
@@ -20,6 +23,7 @@ from cores.quantization import (
     compute_scale_zp,
     fake_quantize,
     fake_quantize_fp8,
+    fp8_row_scales,
     from_groups,
     group_range,
     int_range,
@@ -331,3 +335,59 @@ def test_kv_quantizer(fmt: str, lac: bool) -> None:
 def test_kv_quantizer_rejects_unknown_format() -> None:
     with pytest.raises(ValueError, match="'int8' or 'fp8'"):
         KVQuantizer("int4")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e-3, 3e-2, 1.0, 1e3])
+def test_fp8_row_scales_are_what_vllm_serves(magnitude: float) -> None:
+    """vLLM's W4A8-FP8 kernels re-encode group scales through fp8; scales on our grid come out unchanged (bf16
+    included), stay within 1/8 of the absmax scales (up to the floors of tiny rows), and are never 0."""
+    gen = torch.Generator().manual_seed(3)
+    scale = (torch.rand(256, 16, generator=gen) * magnitude) * torch.logspace(-4, 0, 16)[torch.randperm(16, generator=gen)]
+    grid = fp8_row_scales(scale)
+    assert torch.equal(vllm_w4a8_fp8_scales(grid), grid) and bool((grid > 0).all())
+    if magnitude >= 3e-2:  # where the fp8 ratio is a normal number: 3 mantissa bits, 4 for the row's scale
+        top = scale.amax(dim=-1, keepdim=True)
+        normal = (scale >= top / 3584) & (top / FP8_E4M3_MAX >= FP8_MIN_SCALE)
+        ratio = (grid / scale)[normal]
+        assert 0.93 <= float(ratio.min()) and float(ratio.max()) <= 1.13 and normal.float().mean() > 0.5
+        top = scale.argmax(dim=-1, keepdim=True)
+        assert torch.all(grid.gather(-1, top) >= scale.gather(-1, top))  # the row's largest is never clipped
+    assert torch.equal(fp8_row_scales(grid), grid)  # idempotent
+
+
+def test_fp8_scale_weights_quantize_as_served() -> None:
+    """With fp8 group scales the codes are rounded with the served scales, the chunked export equals the fake
+    quant, the scale gradient passes straight through, and LWC still trains."""
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    quantizer = WeightQuantizer(weight.shape, 4, per_group(64), lwc=True, fp8_scales=True)
+    quantizer.set_state(QuantState.FAKE_QUANT)
+    with torch.no_grad():
+        quantizer.upbound_factor.uniform_(-1.0, 1.0)
+    codes, scale = quantizer.quantize_weight(weight)
+    assert torch.equal(vllm_w4a8_fp8_scales(scale.view(48, 4)), scale.view(48, 4))
+    assert int(codes.max()) <= 7 and int(codes.min()) >= -8
+    out = quantizer(weight.float())
+    assert torch.equal(quantizer.dequantize_weight(codes, scale), out)
+    out.square().sum().backward()
+    assert quantizer.upbound_factor.grad.abs().sum() > 0
+    plain, on_grid = (_weight_quantizer(weight, 4, per_group(64), lwc=False) for _ in range(2))
+    on_grid.fp8_scales = True
+    assert not torch.equal(plain(weight.float()), on_grid(weight.float()))  # the grid moves the scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_fp8_act_quant_is_vllm_per_token_fp8(dtype: torch.dtype) -> None:
+    """fp8 activations: each token cast to e4m3 at absmax / 448 (floored as vLLM floors it), x times 1 / scale."""
+    x = (torch.randn(2, 16, 64) * torch.logspace(-6, 2, 16)[:, None]).to(dtype)
+    x[0, 0] = 0.0
+    quantizer = ActQuantizer(8, "dynamic", fmt="fp8")
+    quantizer.set_state(QuantState.FAKE_QUANT)
+    out = quantizer(x)
+    x32 = x.float()
+    codes, scale = vllm_per_token_fp8(x32)
+    served = codes.float() * scale
+    assert out.dtype is dtype and torch.equal(out, served.to(dtype)) and bool(torch.isfinite(out).all())
+    assert (out.float() - x32).abs().max() <= (x32.abs() / 16).max()  # 3 mantissa bits
+    assert quantizer.get_qparams() == {}
+    with pytest.raises(ValueError, match="'fp8' with a dynamic mode"):
+        ActQuantizer(8, "static", fmt="fp8")

@@ -13,6 +13,7 @@ from cores.quantization import (
     per_group,
     per_tensor,
     per_token,
+    serving_notes,
     register_scheme,
     scheme_names,
 )
@@ -41,6 +42,9 @@ def test_unknown_scheme_lists_valid_names() -> None:
         ({"name": "w8a8c8", "act": "per_token"}, "act_mode"),
         ({"name": "w8a8c8", "kv_format": "int4"}, "kv_format"),
         ({"name": "w4a8c8", "group_size": 12}, "divisible by 8"),
+        ({"name": "w4a8c8", "act_format": "fp4"}, "act_format"),
+        ({"name": "w4a8c8", "act_format": "fp8"}, "fp8 activations are dynamic per-token with int4 weights"),
+        ({"name": "w8a8c8", "act": "dynamic", "act_format": "fp8"}, "with 8-bit weights"),
     ],
 )
 def test_get_scheme_validates_choices(kwargs: dict, message: str) -> None:
@@ -109,3 +113,22 @@ def test_matches_regex_and_glob() -> None:
     assert matches("mlp.experts.7.up_proj", ["mlp.experts.*"])
     assert not matches("mlp.experts.7.up_proj", ["up_proj"])
     assert not matches("xmlp.gate", [r"re:mlp\.gate$"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "moe", "expected"),
+    [
+        ({"name": "w8a8c8", "act": "static"}, False, []),
+        ({"name": "w8a8c8", "act": "dynamic"}, True, []),
+        ({"name": "w4a8c8", "act": "dynamic"}, True, []),
+        ({"name": "w8a8c8", "act": "static"}, True, ["--act dynamic"]),
+        ({"name": "w4a8c16", "act": "static"}, False, ["static int8 activations"]),
+        ({"name": "w4a8c16", "act": "dynamic", "act_format": "fp8"}, False, ["Hopper"]),
+        ({"name": "w4a8c16", "act": "dynamic", "act_format": "fp8", "group_size": 64}, False,
+         ["Hopper", "refuse groups of 64"]),
+        ({"name": "w8a8c8", "act": "dynamic", "kv_format": "int8"}, False, ["--kv_format fp8"]),
+    ],
+)
+def test_serving_notes_name_what_vllm_refuses(kwargs: dict, moe: bool, expected: list[str]) -> None:
+    notes = serving_notes(get_scheme(**kwargs), moe=moe)
+    assert len(notes) == len(expected) and all(e in n for e, n in zip(expected, notes, strict=True))
