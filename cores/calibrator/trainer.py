@@ -156,7 +156,8 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     scheme = cfg.quant_scheme
     mode = cfg.train_mode
     routed = getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
-    for note in serving_notes(scheme, moe=bool(routed) and mode != "mla"):
+    mla = getattr(model.config, "kv_lora_rank", None) is not None
+    for note in serving_notes(scheme, moe=bool(routed) and mode != "mla", mla=mla and mode != "moe"):
         log.warning("%s: %s", cfg.model, note)
     params = ParamDir(cfg.output_dir)
     identity = {

@@ -12,8 +12,8 @@ other entry an exact name). Per quantized linear ``N``:
 - static activations: ``N.input_scale`` fp32 ``[1]``;
 
 and with an 8-bit KV cache ``<attn>.k_scale`` / ``<attn>.v_scale`` fp32 ``[1]``
-beside ``kv_cache_scheme`` (for MLA both hold the scale of the latent cache, see
-:data:`KV_SCALE_NAMES`). Scales are stored in fp32, the dtype the fake-quant
+beside ``kv_cache_scheme`` (for MLA ``<attn>.attn_mqa.k_scale`` / ``.v_scale``, both the
+scale of the latent cache, see :data:`KV_SCALE_NAMES`). Scales are stored in fp32, the dtype the fake-quant
 forward computes them in, so the stored values are exactly the trained ones.
 """
 
@@ -33,15 +33,19 @@ QUANT_METHOD = "compressed-tensors"
 KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {
     "k_cache_quant": ("k_scale",),
     "v_cache_quant": ("v_scale",),
-    "kv_cache_quant": ("k_scale", "v_scale"),
+    "kv_cache_quant": ("attn_mqa.k_scale", "attn_mqa.v_scale"),
 }
 """Cache hook of an attention module -> names of its deployed scale (each holds the same value).
 
-GQA attention caches keys and values, each with its own scale. MLA caches one
-tensor, the normed latent with the rotary key (``kv_lora_rank + qk_rope_head_dim``
-wide), under one scale: vLLM's MLA backends read the attention's ``k_scale`` for
-that cache (and leave ``v_scale`` unused), and compressed-tensors / llm-compressor
-give every attention module both, so both carry the latent cache's scale."""
+GQA attention caches keys and values, each with its own scale, under the attention's
+``k_scale`` / ``v_scale`` (what compressed-tensors writes and vLLM maps to its
+``attn.k_scale``). MLA caches one tensor, the normed latent with the rotary key
+(``kv_lora_rank + qk_rope_head_dim`` wide), under one scale, written under the names
+SGLang's DeepSeek loader reads as they are: its MLA cache is the ``self_attn.attn_mqa``
+module, whose ``k_scale`` / ``v_scale`` it loads (``deepseek_weight_loader.py``; a
+``self_attn.k_scale`` is logged as not found and skipped). vLLM 0.32 loads no
+compressed-tensors cache scale for MLA under any name (its ``MLAAttention`` gets no
+KV-cache method), see :data:`~cores.quantization.schemes.MLA_KV_NOT_VLLM`."""
 
 FORMAT_BY_BITS = {8: "int-quantized", 4: "pack-quantized"}
 WEIGHT_NAMES = {8: ("weight", "weight_scale"), 4: ("weight_packed", "weight_scale", "weight_shape")}

@@ -228,10 +228,12 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
 
 def serving_warnings(scheme: QuantScheme | None, quantized: list[str]) -> list[str]:
     """What vLLM refuses or runs otherwise in a checkpoint of ``scheme`` whose quantized linears are ``quantized``
-    (:func:`~cores.quantization.serving_notes`; routed experts are those under ``.mlp.experts.``)."""
+    (:func:`~cores.quantization.serving_notes`; routed experts are those under ``.mlp.experts.``, MLA attention
+    the one with a ``kv_a_proj_with_mqa``)."""
     if scheme is None:
         return []
-    return serving_notes(scheme, moe=any(".mlp.experts." in n for n in quantized))
+    return serving_notes(scheme, moe=any(".mlp.experts." in n for n in quantized),
+                         mla=any(n.endswith(".kv_a_proj_with_mqa") for n in quantized))
 
 
 def deploy(cfg: DeployConfig) -> DeployResult:

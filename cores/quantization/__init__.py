@@ -46,6 +46,7 @@ from cores.quantization.quantizers import (
 from cores.quantization.schemes import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_IGNORE,
+    MLA_KV_NOT_VLLM,
     STATIC_EXPERTS_UNSERVED,
     QuantScheme,
     get_scheme,
@@ -63,6 +64,7 @@ __all__ = [
     "FP8_MIN_SCALE",
     "LAC_INIT_LOGIT",
     "LWC_INIT_LOGIT",
+    "MLA_KV_NOT_VLLM",
     "SCALE_EPS",
     "STATIC_EXPERTS_UNSERVED",
     "ActFormat",

@@ -52,6 +52,12 @@ W4A8_FP8_HOPPER_ONLY = (
     "int4 weights with fp8 activations run in vLLM's W4A8-FP8 kernels on Hopper GPUs (compute capability 9.0) "
     "only; vLLM refuses the checkpoint elsewhere, its CPU build included"
 )
+MLA_KV_NOT_VLLM = (
+    "vLLM 0.32 loads no KV-cache scale for MLA attention from a compressed-tensors checkpoint (its MLAAttention "
+    "gets no KV-cache method; it warns 'k_scale is not loaded' and runs an fp8 cache at scale 1.0): the learned "
+    "latent-cache scale (self_attn.attn_mqa.k_scale) serves in SGLang; for vLLM deploy the attention with a bf16 "
+    "cache (--cls bf16 / a c16 scheme)"
+)
 KV_INT8_NOT_VLLM = (
     "an int8 KV cache is the NPU engines' C8; vLLM caches fp8 and would apply these int8 scales to an fp8 cache, "
     "which is not the forward trained here: deploy with --kv_format fp8 for vLLM"
@@ -210,12 +216,13 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def serving_notes(scheme: QuantScheme, moe: bool = False) -> list[str]:
+def serving_notes(scheme: QuantScheme, moe: bool = False, mla: bool = False) -> list[str]:
     """What vLLM (0.32, from its compressed-tensors scheme selection) refuses or runs otherwise for ``scheme``.
 
     Args:
         scheme: The scheme of a checkpoint.
         moe: Whether the model has routed experts that the scheme quantizes.
+        mla: Whether the model's attention is MLA (its KV cache is the latent).
 
     Returns:
         One message per problem, each naming the alternative; empty when vLLM runs the scheme as trained.
@@ -232,6 +239,8 @@ def serving_notes(scheme: QuantScheme, moe: bool = False) -> list[str]:
                          "use --group_size 128 where the model's dims allow it, or int8 activations")
     if scheme.kv_format == "int8":
         notes.append(KV_INT8_NOT_VLLM)
+    if mla and scheme.kv_bits is not None:
+        notes.append(MLA_KV_NOT_VLLM)
     return notes
 
 

@@ -5,7 +5,7 @@ static activation scales and an 8-bit KV cache) and checked three ways: our load
 deployed folder exactly as the fake-quant evaluation runs the params; compressed-tensors'
 own decompressors turn the stored expert tensors into our dequantized weights; and the
 layout is the one the engines read (per-expert tensors named as on disk, the MLA latent
-cache's scale as ``self_attn.k_scale`` = ``self_attn.v_scale``, router gates, ``kv_b_proj``
+cache's scale as ``self_attn.attn_mqa.k_scale`` = ``.v_scale`` (SGLang's names), router gates, ``kv_b_proj``
 and the V3.2 indexer in bf16 and in ``ignore``, the MTP layer passed through).
 
 ``transformers`` itself is not a consumer here: v5 fuses the experts of these families into
@@ -30,7 +30,7 @@ from cores.deploy import DeployConfig, deploy
 from cores.deploy.run import serving_warnings
 from cores.deploy.format import dequantize_codes, weight_codes
 from cores.models.streaming import StreamingModel
-from cores.quantization import get_scheme
+from cores.quantization import MLA_KV_NOT_VLLM, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader
 from cores.utils.tiny import fp8_twins, make_tiny_checkpoint, save_tiny_tokenizer
 
@@ -171,8 +171,9 @@ def test_layout_the_engines_read(sources, params, deployed, family):
                                               src.read([gate + ".weight"])[gate + ".weight"])
     for idx in range(BLOCKS):
         attn = f"model.layers.{idx}.self_attn."
-        if family.startswith("deepseek"):  # MLA: one scale for the latent cache, under both names
-            k_scale, v_scale = (dst.read([attn + n])[attn + n] for n in ("k_scale", "v_scale"))
+        if family.startswith("deepseek"):  # MLA: one scale for the latent cache, under both of SGLang's names
+            k_scale, v_scale = (dst.read([attn + n])[attn + n] for n in ("attn_mqa.k_scale", "attn_mqa.v_scale"))
+            assert not dst.has(attn + "k_scale")
             stored = params(family, "w4a8c8").load_block(idx)["self_attn.kv_cache_quant.absmax"]
             assert torch.equal(k_scale, v_scale) and k_scale.dtype == torch.float32 and k_scale.shape == (1,)
             assert k_scale == pytest.approx(float(stored) / 448, rel=1e-6)  # fp8 KV at RTN: absmax / 448
@@ -206,23 +207,27 @@ def test_loader_refuses_an_mla_cache_with_two_scales(deployed, tmp_path):
     out = deployed("deepseek_v32", "w8a8c8")
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    key = "model.layers.1.self_attn.v_scale"
+    key = "model.layers.1.self_attn.attn_mqa.v_scale"
     shard = broken / json.loads((broken / INDEX_NAME).read_text())["weight_map"][key]
     tensors = load_file(shard)
     tensors[key] = tensors[key] * 2
     save_file(tensors, str(shard))
     model = StreamingModel(broken)
     model.load_block(0)
-    with pytest.raises(CheckpointError, match=r"k_scale, v_scale of self_attn differ"):
+    with pytest.raises(CheckpointError, match=r"attn_mqa.k_scale, attn_mqa.v_scale of self_attn differ"):
         model.load_block(1)
 
 
 def test_static_experts_are_flagged_for_serving(sources, deployed):
     """vLLM's int8 fused-MoE kernels take dynamic per-token activations only: a static MoE deploy says so."""
     report = json.loads((deployed("deepseek_v3", "w8a8c8") / "deploy_report.json").read_text())
-    assert len(report["serving_warnings"]) == 1 and "--act dynamic" in report["serving_warnings"][0]
+    warnings = report["serving_warnings"]  # and, a C8 MLA model, that vLLM loads no MLA cache scale
+    assert len(warnings) == 2 and "--act dynamic" in warnings[0] and "attn_mqa.k_scale" in warnings[1]
     experts = ["model.layers.1.mlp.experts.0.up_proj"]
     dense = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_a_proj"]
     assert serving_warnings(get_scheme("w8a8c8", "dynamic"), experts) == []
     assert serving_warnings(get_scheme("w8a8c8", "static"), dense) == []
     assert serving_warnings(None, experts) == []
+    mla = ["model.layers.0.self_attn.kv_a_proj_with_mqa"]
+    assert serving_warnings(get_scheme("w8a8c8", "dynamic"), mla) == [MLA_KV_NOT_VLLM]
+    assert serving_warnings(get_scheme("w8a8c16", "dynamic"), mla) == []

@@ -1,0 +1,64 @@
+"""A deployed SmolLM2 checkpoint served by a real engine: vLLM's CPU build (opt-in, ``-m vllm``).
+
+Needs ``.venv-vllm`` (``bash scripts/setup_vllm.sh``, a few minutes, ~3.6 GB); skipped without it.
+Deploys SmolLM2-135M round-to-nearest as W8A8 with dynamic per-token activations and a 16-bit KV
+cache, and compares vLLM's perplexity (``scripts/check_serving.py``: ``prompt_logprobs`` on token-id
+prompts) with our ``eval_ppl.py`` on the deployed folder, on the same 4 windows of 256 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+SEQ_LEN, WINDOWS = 256, 4
+TOLERANCE = 0.005  # 0.5 %
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The vLLM venv's interpreter, or a skip saying how to make it."""
+    reason = "no vLLM venv at .venv-vllm: run bash scripts/setup_vllm.sh"
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(reason)
+    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    if probe.returncode:
+        pytest.skip(f"{reason} (import vllm failed: {probe.stderr.strip().splitlines()[-1:]})")
+    return VLLM_PYTHON
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=1800)
+
+
+def test_vllm_ppl_matches_ours_on_deployed_w8a8(assets, vllm_python, tmp_path):
+    deployed = tmp_path / "smollm2-w8a8c16"
+    done = run([sys.executable, "deploy.py", "--input_weight_path", assets.model_dir, "--output_weight_path", deployed,
+                "--quant_type", "w8a8c16"])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    eval_args = ["--dataset", assets.eval_text, "--seq_len", SEQ_LEN, "--max_windows", WINDOWS]
+
+    ours_json = tmp_path / "ours.json"
+    done = run([sys.executable, "eval_ppl.py", "--model", deployed, *eval_args, "--output_json", ours_json])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    vllm_json = tmp_path / "vllm.json"
+    done = run([vllm_python, "scripts/check_serving.py", "--model", deployed, *eval_args, "--output_json", vllm_json])
+    served = json.loads(vllm_json.read_text()) if vllm_json.is_file() else {}
+    assert done.returncode == 0 and "refused" not in served, \
+        served.get("refused") or (done.stdout[-2000:] + done.stderr[-3000:])
+
+    ours = json.loads(ours_json.read_text())
+    assert served["tokens"] == ours["tokens"] == WINDOWS * (SEQ_LEN - 1)
+    assert any("CompressedTensorsW8A8Int8" in what for what in served["schemes"]), served["schemes"]
+    assert served["kv_cache_dtype_used"] == "auto"
+    diff = served["ppl"] / ours["ppl"] - 1
+    print(f"vLLM {served['vllm_version']} ppl {served['ppl']:.4f}, ours {ours['ppl']:.4f} ({diff:+.3%})")
+    assert abs(diff) < TOLERANCE, f"vLLM ppl {served['ppl']:.4f} vs ours {ours['ppl']:.4f} ({diff:+.3%})"
