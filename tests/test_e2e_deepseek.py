@@ -20,6 +20,8 @@ from cores.calibrator.params import ParamDir
 from cores.utils.assets import ensure_assets
 from cores.utils.tiny_trained import ensure_tiny_deepseek
 
+pytestmark = pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use, then 16 jobs of main.py
+
 SEQ = 256
 EVAL = ["--seq_len", "512", "--max_windows", "8"]
 # at 8 x 256 calibration tokens the learned static activation clips overfit (w8a8c8 learned +0.26 % over

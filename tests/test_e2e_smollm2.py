@@ -42,6 +42,7 @@ def test_eval_ppl_cli_writes_json(assets, tmp_path, capsys):
     assert result["tokens"] == 2 * 127 and 1 < result["ppl"] < 1000
 
 
+@pytest.mark.slow
 def test_dump_train_deploy_eval_on_smollm2(assets, tmp_path):
     dump = tmp_path / "calib"
     extract_calibration(ExtractConfig(model=str(assets.model_dir), output_dir=str(dump), dataset=str(assets.train_text),

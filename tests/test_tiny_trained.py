@@ -50,6 +50,7 @@ def bf16_eval(tiny_deepseek, windows):
     return streaming_eval(tiny_deepseek.model_dir, windows)
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_folders_use_deepseek_v3_layout(tiny_deepseek):
     config = json.loads((tiny_deepseek.model_dir / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["vocab_size"] == 49152
@@ -71,6 +72,7 @@ def test_folders_use_deepseek_v3_layout(tiny_deepseek):
     assert (tiny_deepseek.fp8_dir / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_streaming_ppl_equals_transformers(tiny_deepseek, windows, bf16_eval):
     model = AutoModelForCausalLM.from_pretrained(tiny_deepseek.model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -79,11 +81,13 @@ def test_streaming_ppl_equals_transformers(tiny_deepseek, windows, bf16_eval):
     assert abs(ppl / math.exp(ref_nll) - 1) < 1e-3
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_fp8_twin_evaluates_like_bf16(tiny_deepseek, windows, bf16_eval):
     ppl_fp8, _ = streaming_eval(tiny_deepseek.fp8_dir, windows)
     assert abs(ppl_fp8 / bf16_eval[0] - 1) < FP8_PPL_TOLERANCE
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_every_routed_expert_gets_tokens(tiny_deepseek, bf16_eval):
     settings = tiny_deepseek.record["settings"]
     _, counts = bf16_eval
@@ -94,6 +98,7 @@ def test_every_routed_expert_gets_tokens(tiny_deepseek, bf16_eval):
         assert int(per_expert.min()) >= MIN_EXPERT_SHARE * float(per_expert.float().mean()), (idx, per_expert)
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_ppl_far_below_untrained(tiny_deepseek, bf16_eval):
     # an untrained model is near uniform over the vocabulary: ppl ~ 49152
     assert bf16_eval[0] < MAX_PPL
@@ -169,6 +174,7 @@ def test_planted_outlier_channels_keep_the_function(tmp_path, q_lora_rank):
     torch.testing.assert_close(ratio[[c for c in range(len(ratio)) if c not in channels]], torch.ones(len(ratio) - 3))
 
 
+@pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use (3-4 minutes)
 def test_trained_model_has_outlier_channels(tiny_deepseek):
     settings, planted = tiny_deepseek.record["settings"], tiny_deepseek.record["outlier_channels"]
     channels = planted["channels_by_width"][str(settings["hidden_size"])]
