@@ -18,10 +18,8 @@ import argparse
 import logging
 import sys
 
-from cores.calibrator.params import ParamDirError
-from cores.deploy import DeployConfig, DeployError, deploy, quant_types
-from cores.models import UnsupportedModelError
-from cores.utils.checkpoint import CheckpointError
+from cores.deploy import DeployConfig, deploy, quant_types
+from cores.cli import at_least, check_output_folder, run_main
 from cores.utils.logging import setup_logging
 
 log = logging.getLogger("deploy")
@@ -41,21 +39,23 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     p.add_argument("--act_format", choices=["int8", "fp8"],
                    help="activation codes (default: the param dir's, else int8); fp8 needs dynamic activations "
                         "and a w4 scheme")
-    p.add_argument("--group_size", type=int, help="W4 group size (default: the param dir's, else 128)")
+    p.add_argument("--group_size", type=at_least(1), help="W4 group size (default: the param dir's, else 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--verify_samples", type=int, help="verify N quantized tensors drawn at random (default: all)")
+    p.add_argument("--verify_samples", type=at_least(1),
+                   help="verify N quantized tensors drawn at random (default: all)")
     p.add_argument("--max_shard_size", default="5GB", help="output shard size limit (default: 5GB)")
     a = p.parse_args(argv)
+    check_output_folder("--output_weight_path", a.output_weight_path)
     return DeployConfig(**vars(a))
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
-        result = deploy(parse_args(argv))
-    except (DeployError, CheckpointError, UnsupportedModelError, ParamDirError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+    return run_main(lambda: _run(parse_args(argv)), log)
+
+
+def _run(cfg: DeployConfig) -> int:
+    result = deploy(cfg)
     print(result.line())
     return 1 if result.verify["FAIL"] else 0
 

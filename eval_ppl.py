@@ -12,11 +12,7 @@ import argparse
 import logging
 import sys
 
-from cores.calibrator.params import ParamDirError
-from cores.models import UnsupportedModelError
-from cores.utils.checkpoint import CheckpointError
-from cores.utils.config import parse_device
-from cores.utils.data import DatasetNotFoundError
+from cores.cli import at_least, check_device, check_output_dir, check_output_file, run_main
 from cores.utils.logging import setup_logging
 from cores.utils.perplexity import PplConfig, evaluate_ppl, write_result
 
@@ -28,32 +24,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
     p.add_argument("--model", required=True, help="Hugging Face model folder (bf16 or FP8)")
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt / .parquet file or a folder")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--seq_len", type=int, default=2048, help="window length in tokens (default: 2048)")
+    p.add_argument("--seq_len", type=at_least(2), default=2048, help="window length in tokens (default: 2048)")
     p.add_argument("--output_json", help="write the result here as JSON")
     p.add_argument("--dev", default="cpu", help="cpu, cuda:N or N (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--batch_size", type=int, default=1, help="windows per forward (default: 1)")
-    p.add_argument("--max_windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--batch_size", type=at_least(1), default=1, help="windows per forward (default: 1)")
+    p.add_argument("--max_windows", type=at_least(1), help="evaluate only the first N windows")
     p.add_argument("--offload_dir", help="keep hidden states in a file here instead of RAM")
     p.add_argument("--param_dir", help="evaluate the fake-quantized model with params from main.py")
     p.add_argument("--mla_param_path", help="params of --train_mode mla, when kept apart from --moe_param_path")
     p.add_argument("--moe_param_path", help="params of --train_mode moe, when kept apart from --mla_param_path")
     a = p.parse_args(argv)
-    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len, device=parse_device(a.dev),
-                     dtype=a.dtype, batch_size=a.batch_size, max_windows=a.max_windows,
+    check_output_file("--output_json", a.output_json)
+    check_output_dir("--offload_dir", a.offload_dir)
+    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len,
+                     device=check_device("--dev", a.dev), dtype=a.dtype, batch_size=a.batch_size,
+                     max_windows=a.max_windows,
                      offload_dir=a.offload_dir, param_dir=a.param_dir,
                      mla_param_path=a.mla_param_path, moe_param_path=a.moe_param_path), a.output_json
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    cfg, output_json = parse_args(argv)
-    try:
-        result = evaluate_ppl(cfg)
-    except (CheckpointError, UnsupportedModelError, DatasetNotFoundError, ParamDirError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+    return run_main(lambda: _run(*parse_args(argv)), log)
+
+
+def _run(cfg: PplConfig, output_json: str | None) -> int:
+    result = evaluate_ppl(cfg)
     given = [p for p in (cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path) if p]
     what = f"fake-quant ({', '.join(given)})" if given else "deployed" if result.deployed else "float"
     print(f"{what} ppl {result.ppl:.4f} | {result.tokens} tokens in {result.windows} windows of {result.seq_len} | "

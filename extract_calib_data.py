@@ -12,12 +12,8 @@ import argparse
 import logging
 import sys
 
-from cores.calibrator.dump import DumpError
 from cores.calibrator.extract import ExtractConfig, extract_calibration
-from cores.models import UnsupportedModelError
-from cores.utils.checkpoint import CheckpointError
-from cores.utils.config import parse_device
-from cores.utils.data import DatasetNotFoundError
+from cores.cli import at_least, check_device, check_output_dir, run_main
 from cores.utils.logging import setup_logging
 
 log = logging.getLogger("extract_calib_data")
@@ -29,26 +25,27 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     p.add_argument("--output_dir", required=True, help="dump folder")
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt / .parquet file or a folder")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--n_samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq_len", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--n_samples", type=at_least(1), default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq_len", type=at_least(1), default=2048, help="tokens per window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
     p.add_argument("--dev", default="cpu", help="cpu, cuda:N or N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (the dump is bf16 either way)")
-    p.add_argument("--batch_size", type=int, default=1, help="windows per forward (default 1)")
+    p.add_argument("--batch_size", type=at_least(1), default=1, help="windows per forward (default 1)")
     a = p.parse_args(argv)
+    check_output_dir("--output_dir", a.output_dir)
     return ExtractConfig(model=a.model, output_dir=a.output_dir, dataset=a.dataset, split=a.split,
-                         n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed, device=parse_device(a.dev),
+                         n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed, device=check_device("--dev", a.dev),
                          dtype=a.dtype, batch_size=a.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
-        manifest = extract_calibration(parse_args(argv))
-    except (CheckpointError, UnsupportedModelError, DumpError, DatasetNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return 2
+    return run_main(lambda: _run(parse_args(argv)), log)
+
+
+def _run(cfg: ExtractConfig) -> int:
+    manifest = extract_calibration(cfg)
     print(f"dump ready: {manifest.num_blocks + 1} boundaries of [{manifest.n_samples}, {manifest.seq_len}, "
           f"{manifest.hidden_size}]")
     return 0

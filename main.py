@@ -16,16 +16,15 @@ param dir (the seed's flow): ``--train_mode mla --cls c8`` then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
-from cores.calibrator.dump import DumpError
-from cores.calibrator.params import TRAIN_MODES, ParamDirError
+from cores.calibrator.params import TRAIN_MODES
 from cores.calibrator.trainer import TrainConfig, run_training, summarize
-from cores.models import UnsupportedModelError
 from cores.quantization import scheme_names
-from cores.utils.checkpoint import CheckpointError
-from cores.utils.config import build_config, parse_device
+from cores.cli import UsageError, at_least, check_device, check_output_dir, run_main
+from cores.utils.config import build_config
 from cores.utils.distributed import distributed
 from cores.utils.logging import setup_logging
 
@@ -37,9 +36,9 @@ def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) ->
     if w_bits is None and cls is None:
         return None
     if a_bits not in (None, 8):
-        raise ValueError(f"--a_bits {a_bits}: only 8-bit activations are supported")
+        raise UsageError(f"--a_bits {a_bits}: only 8-bit activations are supported")
     if cls not in (None, "c8", "bf16"):
-        raise ValueError(f"--cls must be c8 or bf16, got {cls!r}")
+        raise UsageError(f"--cls must be c8 or bf16, got {cls!r}")
     return f"w{w_bits or 8}a8{'c8' if cls == 'c8' else 'c16'}"
 
 
@@ -55,22 +54,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
                         "w4 scheme (the W4A8 vLLM runs on GPU)")
     p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default fp8)")
-    p.add_argument("--group_size", type=int, help="W4 group size along the input dim (default 128)")
+    p.add_argument("--group_size", type=at_least(1), help="W4 group size along the input dim (default 128)")
     p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
     p.add_argument("--lac", action=argparse.BooleanOptionalAction,
                    help="learn activation / KV clipping (default on)")
-    p.add_argument("--epochs", "--epoch", dest="epochs", type=int, help="epochs per block (default 5)")
+    p.add_argument("--epochs", "--epoch", dest="epochs", type=at_least(0), help="epochs per block (default 5)")
     p.add_argument("--lr", "--base_lr", dest="lr", type=float,
                    help="learning rate of the activation / KV clipping (default 1e-2 static, 2e-3 dynamic)")
     p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default: --lr)")
     p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
-    p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=int, help="samples per step (default 1)")
-    p.add_argument("--start_block_idx", type=int, help="first block (default 0)")
-    p.add_argument("--end_block_idx", type=int, help="one past the last block (default: all)")
+    p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=at_least(1),
+                   help="samples per step (default 1)")
+    p.add_argument("--start_block_idx", type=at_least(0), help="first block (default 0)")
+    p.add_argument("--end_block_idx", type=at_least(1), help="one past the last block (default: all)")
     p.add_argument("--train_mode", choices=list(TRAIN_MODES),
                    help="block: whole blocks (default); mla: the attention sub-block and its KV cache; "
                         "moe: the MLP sub-block, each routed expert on its own tokens")
-    p.add_argument("--min_expert_tokens", type=int,
+    p.add_argument("--min_expert_tokens", type=at_least(0),
                    help="moe: routed experts with fewer calibration tokens keep RTN weights (default 32)")
     p.add_argument("--rtn", action="store_true", default=None, help="round-to-nearest params, no training")
     p.add_argument("--sequential", action="store_true", default=None,
@@ -92,23 +92,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                                         "lac", "epochs", "lr", "lwc_lr", "weight_decay", "batch_size", "start_block_idx",
                                         "end_block_idx", "train_mode", "min_expert_tokens", "rtn", "sequential",
                                         "seed")}
-    flags.update(scheme=a.scheme or from_bits, device=parse_device(a.dev))
+    flags.update(scheme=a.scheme or from_bits)
     cfg = build_config(TrainConfig, a.config, flags)
-    return cfg, a
+    check_output_dir("--output_dir", cfg.output_dir)
+    flag = f"device (in {a.config})" if a.dev is None and a.config else "--dev"
+    device = check_device(flag, cfg.device if a.dev is None else a.dev)
+    return dataclasses.replace(cfg, device=device), a
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
-        cfg, _ = parse_args(argv)
-        with distributed() as ranks:
-            params = run_training(cfg, ranks)
-            if ranks.rank != 0:
-                return 0
-    except (CheckpointError, UnsupportedModelError, DumpError, ParamDirError, ValueError, FileNotFoundError,
-            FloatingPointError) as err:
-        log.error("%s", err)
-        return 2
+    return run_main(lambda: _run(parse_args(argv)[0]), log)
+
+
+def _run(cfg: TrainConfig) -> int:
+    with distributed() as ranks:
+        params = run_training(cfg, ranks)
+        if ranks.rank != 0:
+            return 0
     print(summarize(params))
     return 0
 

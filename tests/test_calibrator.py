@@ -9,7 +9,7 @@ import torch
 import eval_ppl
 import extract_calib_data
 import main as main_cli
-from cores.calibrator.dump import DumpError, DumpManifest, HiddenDump, boundary_path
+from cores.calibrator.dump import DumpError, DumpFiles, DumpManifest, HiddenDump, boundary_path
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir, ParamDirError
 from cores.calibrator.trainer import TrainConfig, run_training
@@ -139,6 +139,7 @@ def test_nan_activations_are_named(tiny, tmp_path):
     x = load_file(boundary_path(bad, 1))["hidden"]
     x[2, 5, 7] = float("nan")
     save_file({"hidden": x}, str(boundary_path(bad, 1)))
+    DumpFiles(bad).record("hidden_001.safetensors", boundary_path(bad, 1))  # as if the FP model had overflowed
     with pytest.raises(DumpError, match="hidden_001.safetensors holds NaN"):
         run_training(TrainConfig(model=str(model), data_dir=str(bad), output_dir=str(tmp_path / "p"), epochs=1,
                                  start_block_idx=1, end_block_idx=2))

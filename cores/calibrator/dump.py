@@ -5,11 +5,19 @@
 the final norm. Files are streamed to disk batch by batch under a temporary name
 and renamed when complete, and read back in row slices, so neither side ever
 holds a whole boundary in memory.
+
+``manifest.json`` holds the :class:`DumpManifest` and, under ``files``, the size
+and checksum of every finished file (:func:`cores.utils.io.file_record`), recorded
+before the file takes its final name: a file under a final name without a record,
+or that differs from it, is refused where it is reused (a resumed dump, training).
+Manifests of older versions have no ``files``; their files load unchecked, with a
+warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from dataclasses import asdict, dataclass, fields
@@ -19,9 +27,13 @@ import torch
 from safetensors import safe_open
 
 from ..models.streaming import HiddenStore
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, file_change, file_record, load_json, temp_path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FILES = "files"
+"""Key of the file records in the manifest."""
 TOKENS = "tokens.safetensors"
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 
@@ -50,16 +62,23 @@ class DumpManifest:
     dtype: str = "bfloat16"
 
     def save(self, dump_dir: str | Path) -> None:
-        atomic_write_text(Path(dump_dir) / MANIFEST, json.dumps(asdict(self), indent=2) + "\n")
+        """Write the manifest, keeping the file records of one already there (the caller checked it is ours)."""
+        path = Path(dump_dir) / MANIFEST
+        files = _load(path).get(FILES, {}) if path.is_file() else {}
+        atomic_write_text(path, json.dumps({**asdict(self), FILES: files}, indent=2) + "\n")
 
     @classmethod
     def load(cls, dump_dir: str | Path) -> DumpManifest:
         path = Path(dump_dir) / MANIFEST
         if not path.is_file():
             raise DumpError(f"{path} is missing: {dump_dir} is not a calibration dump (run extract_calib_data.py)")
-        data = json.loads(path.read_text())
+        data = _load(path)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise DumpError(f"{path} is not a dump manifest ({err}); rerun extract_calib_data.py into a new "
+                            "folder") from None
 
     def mismatch(self, other: DumpManifest) -> list[str]:
         """``field: ours != theirs`` for every differing field."""
@@ -67,12 +86,72 @@ class DumpManifest:
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
 
 
+def _load(path: Path) -> dict:
+    return load_json(path, DumpError, "Delete the dump folder and rerun extract_calib_data.py.")
+
+
+class DumpFiles:
+    """The file records of a dump's manifest: what each finished file was when it was written.
+
+    Args:
+        dump_dir: the dump folder (its manifest must exist).
+    """
+
+    def __init__(self, dump_dir: str | Path):
+        self.dump_dir = Path(dump_dir)
+        self.manifest = self.dump_dir / MANIFEST
+        self.records: dict[str, dict] | None = _load(self.manifest).get(FILES)
+        self._checked: set[str] = set()
+        if self.records is None:
+            log.warning("%s records no file checksums (written by an older version): the dump's files are not "
+                        "checked", self.manifest)
+
+    def boundary(self, idx: int) -> HiddenDump:
+        """Row-sliced reads of the input of block ``idx``, once it is checked against its record."""
+        path = boundary_path(self.dump_dir, idx)
+        self.check(path)
+        return HiddenDump(path)
+
+    def adopt(self, paths: list[Path]) -> None:
+        """Record the files of an older dump that kept no records, unchecked (they are taken as they are)."""
+        if paths:
+            log.warning("recording the %d file(s) of %s as they are", len(paths), self.dump_dir)
+        for path in paths:
+            self.record(path.name, path)
+
+    def record(self, name: str, written: Path) -> None:
+        """Record ``written`` (complete, still under its temporary name) as the dump's file ``name``."""
+        data = _load(self.manifest)
+        data.setdefault(FILES, {})[name] = file_record(written)
+        atomic_write_text(self.manifest, json.dumps(data, indent=2) + "\n")
+        self.records = data[FILES]
+        self._checked.discard(name)
+
+    def check(self, path: str | Path) -> None:
+        """Refuse the dump file ``path`` if it is not the file its record describes (once per file).
+
+        Raises:
+            DumpError: naming the file, how it differs, and what to do.
+        """
+        path = Path(path)
+        if self.records is None or path.name in self._checked or not path.is_file():
+            return
+        record = self.records.get(path.name)
+        change = f"is not recorded in {MANIFEST}" if record is None else file_change(path, record)
+        if change:
+            redo = ("delete it and the hidden_*.safetensors after it" if path.name.startswith("hidden_")
+                    else "delete the dump folder")
+            raise DumpError(f"{path} {change}: it is not the file this dump wrote ({MANIFEST} records the size and "
+                            f"checksum of each file); {redo}, then rerun extract_calib_data.py")
+        self._checked.add(path.name)
+
+
 def write_tensor_streaming(path: Path, store: HiddenStore, batch_rows: int, key: str = "hidden",
-                           metadata: dict[str, str] | None = None) -> None:
+                           metadata: dict[str, str] | None = None, files: DumpFiles | None = None) -> None:
     """Write ``store`` as a one-tensor safetensors file without materialising it.
 
     The header is written first, then the rows batch by batch; the file appears
-    under its final name only when complete.
+    under its final name only when complete (and recorded in ``files``, when given).
     """
     nbytes = store.shape[0] * store.row_bytes
     header = {key: {"dtype": _ST_DTYPES[store.dtype], "shape": list(store.shape), "data_offsets": [0, nbytes]}}
@@ -80,7 +159,7 @@ def write_tensor_streaming(path: Path, store: HiddenStore, batch_rows: int, key:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -88,6 +167,8 @@ def write_tensor_streaming(path: Path, store: HiddenStore, batch_rows: int, key:
             f.write(store.read(lo, lo + batch_rows).contiguous().view(-1).view(torch.uint8).numpy())
         f.flush()
         os.fsync(f.fileno())
+    if files is not None:
+        files.record(path.name, tmp)
     os.replace(tmp, path)
 
 

@@ -14,7 +14,9 @@ from transformers import AutoTokenizer
 from ..models.streaming import HiddenStore, StreamingModel
 from ..utils.checkpoint import model_fingerprint
 from ..utils.data import calibration_samples, load_text
-from .dump import MANIFEST, TOKENS, DumpError, DumpManifest, HiddenDump, boundary_path, write_tensor_streaming
+from ..utils.io import remove_stale_temps, temp_path
+from .dump import (MANIFEST, TOKENS, DumpError, DumpFiles, DumpManifest, HiddenDump, boundary_path,
+                   write_tensor_streaming)
 
 log = logging.getLogger(__name__)
 DUMP_DTYPE = torch.bfloat16
@@ -68,11 +70,25 @@ def _existing_boundaries(out: Path, num_blocks: int) -> int:
     return done
 
 
+def _check_disk(out: Path, model: StreamingModel, cfg: ExtractConfig, done: int) -> None:
+    """Refuse to start when the boundaries still to write do not fit on the disk of ``out``."""
+    total = dump_bytes(model.num_blocks, cfg.n_samples, cfg.seq_len, model.hidden_size)
+    need = total - done * (total // (model.num_blocks + 1))
+    free = shutil.disk_usage(out).free
+    log.info("dump of %d boundaries x [%d, %d, %d] bf16 = %.2f GiB in %s (%.2f GiB still to write, %.2f GiB free)",
+             model.num_blocks + 1, cfg.n_samples, cfg.seq_len, model.hidden_size, total / 2**30, out,
+             need / 2**30, free / 2**30)
+    if need > free:
+        raise DumpError(f"{out} has {free / 2**30:.2f} GiB free but the dump needs {need / 2**30:.2f} GiB more; "
+                        "free space, lower --n_samples / --seq_len, or choose another --output_dir")
+
+
 def extract_calibration(cfg: ExtractConfig) -> DumpManifest:
     """Stream the model over calibration windows and dump every block boundary.
 
-    A rerun skips finished boundaries and resumes from the last one; a folder made
-    for another model or other data is refused.
+    A rerun skips finished boundaries and resumes from the last one, after checking
+    that every finished file is the one its record in the manifest describes; a
+    folder made for another model or other data is refused.
 
     Returns:
         The dump's manifest.
@@ -97,32 +113,37 @@ def extract_calibration(cfg: ExtractConfig) -> DumpManifest:
                 f"{out} holds a dump made with other settings ({'; '.join(diff)}). "
                 "Use another --output_dir or delete that folder."
             )
+        legacy = DumpFiles(out).records is None
+    else:
+        legacy = False
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(out):
+        log.info("removed %s, left by an interrupted run", stale.name)
     done = _existing_boundaries(out, model.num_blocks)
-    if done == model.num_blocks + 1:
+    finished = [out / TOKENS] * (out / TOKENS).is_file() + [boundary_path(out, i) for i in range(done)]
+    complete = done == model.num_blocks + 1
+    if not complete:
+        _check_disk(out, model, cfg, done)
+    manifest.save(out)
+    files = DumpFiles(out)
+    if legacy:
+        files.adopt(finished)
+    for path in finished:  # what is reused must be what was written
+        files.check(path)
+    if complete:
         log.info("%s is complete (%d boundaries): nothing to do", out, done)
         return manifest
-
-    total = dump_bytes(model.num_blocks, cfg.n_samples, cfg.seq_len, model.hidden_size)
-    per_boundary = total // (model.num_blocks + 1)
-    need = total - done * per_boundary
-    free = shutil.disk_usage(out).free
-    log.info("dump of %d boundaries x [%d, %d, %d] bf16 = %.2f GiB in %s (%.2f GiB still to write, %.2f GiB free)",
-             model.num_blocks + 1, cfg.n_samples, cfg.seq_len, model.hidden_size, total / 2**30, out,
-             need / 2**30, free / 2**30)
-    if need > free:
-        raise DumpError(f"{out} has {free / 2**30:.2f} GiB free but the dump needs {need / 2**30:.2f} GiB more; "
-                        "free space, lower --n_samples / --seq_len, or choose another --output_dir")
-    manifest.save(out)
 
     if (out / TOKENS).is_file():
         tokens = load_file(out / TOKENS)["input_ids"]
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         text = load_text(cfg.dataset, cfg.split)
-        tokens = calibration_samples(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed)
-        tmp = out / f".{TOKENS}.tmp"
+        tokens = calibration_samples(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed,
+                                     source=f"--dataset {cfg.dataset} (split {cfg.split})")
+        tmp = temp_path(out / TOKENS)
         save_file({"input_ids": tokens.contiguous()}, str(tmp))
+        files.record(TOKENS, tmp)
         tmp.replace(out / TOKENS)
 
     shape = (cfg.n_samples, cfg.seq_len, model.hidden_size)
@@ -140,7 +161,7 @@ def extract_calibration(cfg: ExtractConfig) -> DumpManifest:
         def save_boundary(idx: int, states: HiddenStore) -> None:
             path = boundary_path(out, idx)
             if not path.is_file():
-                write_tensor_streaming(path, states, cfg.batch_size, metadata={"boundary": str(idx)})
+                write_tensor_streaming(path, states, cfg.batch_size, metadata={"boundary": str(idx)}, files=files)
 
         model.run_blocks(store, cfg.batch_size, range(start, model.num_blocks), on_block_input=save_boundary)
         save_boundary(model.num_blocks, store)

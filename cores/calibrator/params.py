@@ -10,7 +10,11 @@ or a dense MLP). Files, all written through a temporary name:
 - ``run_<mode>.json``: that mode's scheme and options (the KV cache belongs to
   the mode that owns the attention: ``block`` or ``mla``; ``moe`` has none);
 - ``<mode>_{i:03d}.safetensors`` and ``<mode>_{i:03d}.json``: block ``i``'s
-  quantizer tensors and record; the record is written last and marks it done.
+  quantizer tensors and record; the record is written last and marks it done. It
+  holds the size and checksum of the tensors file (``params_file``), checked
+  whenever the params are loaded, so a changed or truncated file is refused.
+  Jobs that finish the same block at once serialise on ``.params.lock``: the
+  first one's pair of files stays, the later ones keep it.
 
 A run with different values is refused instead of mixed in. Evaluation and
 deploy read one or several dirs as a :class:`ParamSet` (the seed's separate
@@ -21,6 +25,7 @@ them has its ``block`` params, or its ``mla`` and its ``moe`` params.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..quantization import QuantScheme
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, file_change, file_record, load_json, locked, temp_path
 from .quant_block import freeze, load_quant_state, quantize_block
 
+log = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"
+LOCK_FILE = ".params.lock"
 TRAIN_MODES = ("block", "mla", "moe")
 SUB_BLOCK_MODES = ("mla", "moe")
 """Modes that each cover part of a block; together they cover all of it."""
@@ -75,6 +83,7 @@ class ParamDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._unchecked_warned = False
 
     def params_path(self, idx: int, mode: str = "block") -> Path:
         return self.path / f"{mode}_{idx:03d}.safetensors"
@@ -82,15 +91,18 @@ class ParamDir:
     def record_path(self, idx: int, mode: str = "block") -> Path:
         return self.path / f"{mode}_{idx:03d}.json"
 
+    def _json(self, path: Path) -> dict:
+        return load_json(path, ParamDirError, f"Delete {path.name} (and the blocks it describes) and rerun main.py.")
+
     def shared_identity(self) -> dict:
         run = self.path / RUN_FILE
         if not run.is_file():
             raise ParamDirError(f"{run} is missing: {self.path} is not a param dir written by main.py")
-        return json.loads(run.read_text())
+        return self._json(run)
 
     def mode_identities(self) -> dict[str, dict]:
         """``mode -> its identity`` for every mode that has written here."""
-        return {m: json.loads(p.read_text()) for m in TRAIN_MODES if (p := self.path / f"run_{m}.json").is_file()}
+        return {m: self._json(p) for m in TRAIN_MODES if (p := self.path / f"run_{m}.json").is_file()}
 
     def bind(self, identity: dict) -> None:
         """Create the dir for a run's ``identity``, or check that the dir already belongs to it.
@@ -131,26 +143,54 @@ class ParamDir:
     def done_blocks(self, mode: str = "block") -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.path.glob(f"{mode}_[0-9]*.json"))
 
-    def save_block(self, idx: int, state: dict[str, Tensor], record: dict, mode: str = "block") -> None:
-        tmp = self.path / f".{self.params_path(idx, mode).name}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(self.params_path(idx, mode))
-        atomic_write_text(self.record_path(idx, mode), json.dumps(record, indent=2) + "\n")
+    def save_block(self, idx: int, state: dict[str, Tensor], record: dict, mode: str = "block") -> bool:
+        """Write block ``idx``'s tensors, then its record (with the tensors file's size and checksum).
+
+        Returns:
+            False when another job finished the block meanwhile: its files are kept.
+        """
+        path = self.params_path(idx, mode)
+        tmp = temp_path(path)
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            record = {**record, "params_file": file_record(tmp)}
+            with locked(self.path / LOCK_FILE):
+                if self.is_done(idx, mode):
+                    log.info("block %d %s was finished by another job meanwhile: keeping its params", idx, mode)
+                    return False
+                tmp.replace(path)
+                atomic_write_text(self.record_path(idx, mode), json.dumps(record, indent=2) + "\n")
+                return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_block(self, idx: int, mode: str = "block") -> dict[str, Tensor]:
-        path = self.params_path(idx, mode)
+        """Block ``idx``'s tensors, checked against the size and checksum in its record.
+
+        Raises:
+            ParamDirError: when the block is not done, or its file changed or does not read.
+        """
+        path, record_path = self.params_path(idx, mode), self.record_path(idx, mode)
         if not self.is_done(idx, mode) or not path.is_file():
             raise ParamDirError(f"block {idx} has no {mode} params in {self.path}: run main.py for it first")
+        redo = f"delete it and {record_path.name}, then rerun main.py for that block"
+        recorded = self._json(record_path).get("params_file")
+        if recorded is None:
+            if not self._unchecked_warned:
+                log.warning("%s: block records without params_file (written by an older main.py): the params "
+                            "files are not checked", self.path)
+                self._unchecked_warned = True
+        elif change := file_change(path, recorded):
+            raise ParamDirError(f"{path} {change}, as {record_path.name} records it: {redo}")
         try:
             return load_file(path)
         except SafetensorError as err:
-            raise ParamDirError(f"cannot read {path}: {err}; delete it and {self.record_path(idx, mode).name}, "
-                                "then rerun main.py for that block") from err
+            raise ParamDirError(f"cannot read {path}: {err}; {redo}") from err
 
     def records(self, mode: str | None = None) -> list[dict]:
         """Block records of ``mode`` (default: every mode present), in block order."""
         modes = [mode] if mode else list(self.mode_identities()) or ["block"]
-        return [json.loads(self.record_path(i, m).read_text()) for m in modes for i in self.done_blocks(m)]
+        return [self._json(self.record_path(i, m)) for m in modes for i in self.done_blocks(m)]
 
     def files(self) -> list[Path]:
         """Every params and record file, sorted."""

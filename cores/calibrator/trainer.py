@@ -22,7 +22,8 @@ from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, serving_notes
 from ..utils.checkpoint import model_fingerprint
 from ..utils.distributed import Ranks
-from .dump import DumpError, DumpManifest, HiddenDump, boundary_path
+from ..utils.io import remove_stale_temps
+from .dump import DumpError, DumpFiles, DumpManifest, boundary_path
 from .fit import Batches, FitOptions, fit, mse
 from .params import TRAIN_MODES, ParamDir
 from .quant_block import freeze, load_quant_state, quantize_block
@@ -114,7 +115,8 @@ class TrainConfig:
             raise ValueError(f"need epochs >= 0, lr > 0, lwc_lr > 0, batch_size >= 1 (got {self.epochs}, {self.lr}, "
                              f"{self.lwc_lr}, {self.batch_size})")
         if self.start_block_idx < 0 or (self.end_block_idx is not None and self.end_block_idx <= self.start_block_idx):
-            raise ValueError(f"empty block range [{self.start_block_idx}, {self.end_block_idx})")
+            raise ValueError(f"empty block range [--start_block_idx {self.start_block_idx}, "
+                             f"--end_block_idx {self.end_block_idx})")
         self.quant_scheme  # validate early
 
     @property
@@ -148,6 +150,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     if ranks.world > 1 and cfg.sequential:
         raise ValueError("--sequential chains the blocks and cannot be split over ranks; run it in one process")
     manifest = DumpManifest.load(cfg.data_dir)
+    dump = DumpFiles(cfg.data_dir)
     model = StreamingModel(cfg.model, device=ranks.device(cfg.device), dtype=torch.float32)
     fingerprint = model_fingerprint(model.reader)
     if manifest.model_fingerprint != fingerprint:
@@ -166,6 +169,8 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
         "ignore": list(cfg.ignore), "train_mode": mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
     }
     params.bind(identity)  # atomic and idempotent: every rank checks for itself, all refuse alike
+    for stale in remove_stale_temps(params.path):  # only those of dead processes: concurrent jobs keep theirs
+        log.info("removed %s, left by an interrupted run", stale.name)
     end = model.num_blocks if cfg.end_block_idx is None else min(cfg.end_block_idx, model.num_blocks)
     blocks = ranks.share(range(cfg.start_block_idx, end))
     n, seq = manifest.n_samples, manifest.seq_len
@@ -173,7 +178,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     store = None
     if cfg.sequential:
         store = HiddenStore.create((n, seq, model.hidden_size), torch.bfloat16)
-        first = HiddenDump(boundary_path(cfg.data_dir, blocks[0]))
+        first = dump.boundary(blocks[0])
         for lo in range(0, n, cfg.batch_size):
             store.write(lo, first.read(lo, lo + cfg.batch_size))
     what = scheme.name if mode == "block" else f"{mode} {scheme.name}"
@@ -185,7 +190,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                 log.info("%s: %s done already, skipped", label, mode)
                 continue
             start = time.perf_counter()
-            source = store if cfg.sequential else HiddenDump(boundary_path(cfg.data_dir, idx))
+            source = store if cfg.sequential else dump.boundary(idx)
             xs = Batches(source, model.device, model.dtype, str(boundary_path(cfg.data_dir, idx)))
             if mode == "block":
                 block = quantize_block(model.load_block(idx), scheme, cfg.ignore, cfg.lwc, cfg.lac)
@@ -193,7 +198,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                     load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
                     freeze(block)
                 else:
-                    ys = Batches(HiddenDump(boundary_path(cfg.data_dir, idx + 1)), model.device, model.dtype,
+                    ys = Batches(dump.boundary(idx + 1), model.device, model.dtype,
                                  str(boundary_path(cfg.data_dir, idx + 1)))
                     state, record = train_block(block, xs, ys, n, cfg, cos, sin, label)
                     _save(params, idx, state, record, cfg, scheme, n, seq, start)

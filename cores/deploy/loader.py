@@ -9,18 +9,25 @@ below keep the stored scale instead of deriving it from a calibrated range).
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..calibrator.quant_block import quantize_block
+from ..models.streaming import DEPLOY_REPORT as REPORT_NAME
+from ..models.streaming import check_tensor
 from ..quantization import FP8_E4M3_MAX, ActQuantizer, KVQuantizer, QuantLinear, QuantState, set_quant_state
 from ..utils.checkpoint import CheckpointError
+from ..utils.io import file_change, load_json
 from .format import KV_SCALE_NAMES, WEIGHT_NAMES, DeployedFormat, dequantize_codes, weight_codes
 
 if TYPE_CHECKING:
     from ..models.streaming import StreamingModel
+
+log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Stored buffers that old checkpoints carry and no block reads (as :mod:`cores.models.streaming` skips them)."""
@@ -51,6 +58,26 @@ class StoredKVQuantizer(_StoredScale, KVQuantizer):
     def __init__(self, fmt: str, scale: Tensor):
         super().__init__(fmt, device=scale.device)
         self.load_scale(scale, FP8_E4M3_MAX if fmt == "fp8" else self.qmax)
+
+
+def check_deployed_files(folder: Path) -> None:
+    """Check every file that ``deploy_report.json`` records (size and checksum) against the folder.
+
+    Raises:
+        CheckpointError: naming the first file that changed since the deploy wrote it.
+    """
+    report = load_json(folder / REPORT_NAME, CheckpointError, "Deploy the checkpoint again.")
+    files = report.get("files")
+    if files is None:
+        log.warning("%s records no file checksums (written by an older deploy.py): its files are not checked",
+                    folder / REPORT_NAME)
+        return
+    for name, record in files.items():
+        change = file_change(folder / name, record)
+        if change:
+            raise CheckpointError(f"{folder / name} {change}, as {REPORT_NAME} records it: the deployed checkpoint "
+                                  "was modified or damaged; deploy it again (or copy it again from where it was "
+                                  "written)")
 
 
 def _take(stored: dict[str, Tensor], key: str, where: str) -> Tensor:
@@ -108,6 +135,8 @@ def load_deployed_block(model: StreamingModel, idx: int) -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(f"{where} does not match its config and quantization_config: "
                               f"missing {[prefix + k for k in missing]}, unexpected {[prefix + k for k in unexpected]}")
+    for key, tensor in stored.items():
+        check_tensor(model.reader.model_dir, prefix + key, tensor, expected[key])
     block.load_state_dict({k: v.to(model.device, model.dtype) for k, v in stored.items()}, assign=True)
     quantize_block(block, scheme, ignored, lwc=False, lac=False)
     for name, linear in block.named_modules():

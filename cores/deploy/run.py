@@ -22,7 +22,7 @@ from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, load_json
 from .export import export_units, plan_export
 from .format import quantization_config
 from .fp8 import bf16_config, export_bf16, fp8_weights
@@ -113,6 +113,13 @@ class DeployResult:
     output_bytes: int
     seconds: float
     verify: dict
+
+    @classmethod
+    def from_report(cls, out: Path, seconds: float) -> DeployResult:
+        """The result of the deploy that wrote ``out``, from its report."""
+        report = load_json(out / REPORT_NAME, DeployError, "Deploy again with --overwrite.")
+        return cls(out, report["quant_type"], len(list(out.glob("*.safetensors"))), report["input_bytes"],
+                   report["output_bytes"], seconds, report["summary"])
 
     def line(self) -> str:
         v = self.verify
@@ -205,9 +212,11 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
     if cfg.quant_type == BF16:
         reader = CheckpointReader(source)
         staged = StagedOutput(cfg.output_weight_path, _identity(cfg, reader, {}), cfg.overwrite)
-        to_verify = fp8_weights(reader)
+        to_verify, scheme = fp8_weights(reader), None
+        if staged.committed:
+            return staged, reader, scheme, to_verify
         export_bf16(reader, staged, sample(to_verify, cfg.verify_samples, cfg.seed))
-        config, scheme = bf16_config(reader.config), None
+        config = bf16_config(reader.config)
     else:
         reader = CheckpointReader(source)
         model = StreamingModel(source, device="cpu", dtype=storage_dtype(reader))
@@ -218,6 +227,8 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
         to_verify = plan.quantized
         plan.check = set(sample(to_verify, cfg.verify_samples, cfg.seed))
         staged = StagedOutput(cfg.output_weight_path, _identity(cfg, model.reader, params), cfg.overwrite)
+        if staged.committed:
+            return staged, reader, scheme, to_verify
         export_units(plan.units, staged, parse_size(cfg.max_shard_size))
         config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
         config["quantization_config"] = quantization_config(scheme, plan.kept)
@@ -245,6 +256,10 @@ def deploy(cfg: DeployConfig) -> DeployResult:
     """
     start = time.perf_counter()
     staged, reader, scheme, to_verify = _export(cfg)
+    if staged.committed:
+        staged.finish_commit()
+        log.info("%s is this deploy already (same inputs and settings): nothing to do", staged.out)
+        return DeployResult.from_report(staged.out, time.perf_counter() - start)
     warnings = serving_warnings(scheme, to_verify)
     for warning in warnings:
         log.warning("%s", warning)
@@ -263,7 +278,8 @@ def deploy(cfg: DeployConfig) -> DeployResult:
               "seconds": round(result.seconds, 3),
               "bands": {f"int{bits}": {"GOOD": good, "WARN": warn} for bits, (good, warn) in BANDS.items()}
               | {"bf16": "GOOD when all finite"},
-              "serving_warnings": warnings, "summary": summ, "tensors": [asdict(c) for c in checks]}
+              "serving_warnings": warnings, "summary": summ, "tensors": [asdict(c) for c in checks],
+              "identity": staged.identity, "files": staged.file_records()}
     atomic_write_text(staged.partial / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     staged.commit()
     if summ["FAIL"]:

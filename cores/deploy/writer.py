@@ -8,11 +8,14 @@ no output tensor is ever held whole.
 
 Everything goes to ``<out>.partial``; each shard is written under a temporary
 name and renamed when complete, then recorded in ``deploy_progress.json``
-together with the settings that produced it and the verification of its
-tensors. Only a complete folder is renamed to ``<out>``, so a folder under the
-final name is always complete. A rerun with the same settings (and so the same
-plan) resumes: recorded shards are kept and their tensors not produced again; a
-rerun with other settings starts over.
+together with the settings that produced it, its size and checksum, and the
+verification of its tensors. Only a complete folder is renamed to ``<out>``, so a
+folder under the final name is always complete. A rerun with the same settings
+(and so the same plan) resumes: recorded shards that are still what was recorded
+are kept and their tensors not produced again; a rerun with other settings, or
+after a recorded shard changed, starts over. A rerun after the deploy completed
+(or was killed inside its final rename) finds the output made from the same
+inputs and settings and has nothing to do.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..models.streaming import DEPLOY_REPORT as REPORT_NAME
 from ..utils.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, read_safetensors_header
-from ..utils.io import atomic_write_text
+from ..utils.io import (atomic_write_text, file_change, file_record, is_temp, load_json, remove_stale_temps,
+                        temp_path)
 from .verify import TensorCheck
 
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = "deploy_progress.json"
-REPORT_NAME = "deploy_report.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -58,7 +62,7 @@ def parse_size(text: str | int) -> int:
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
     if not match or float(match.group(1)) <= 0:
-        raise DeployError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+        raise DeployError(f"--max_shard_size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
@@ -229,7 +233,7 @@ class ShardFile:
 
     def __init__(self, path: Path, specs: list[TensorSpec], writer: PieceWriter | None = None):
         self.path, self.specs = path, {s.name: s for s in specs}
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = temp_path(path)
         self.writer = PieceWriter() if writer is None else writer
         header: dict = {"__metadata__": {"format": "pt"}}
         self.offsets: dict[str, int] = {}
@@ -271,8 +275,9 @@ class ShardFile:
         return not self.unfinished
 
     def abandon(self) -> None:
-        """Close the file under its temporary name, unfinished (no write of it may be in flight)."""
+        """Close and delete the unfinished file (no write of it may be in flight): a rerun writes it whole."""
         os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Check that every tensor arrived whole and the file reads back as planned, then rename it.
@@ -301,36 +306,70 @@ class StagedOutput:
             folder of another identity is discarded.
         overwrite: Replace an existing ``out`` at commit.
 
+    Attributes:
+        committed: ``out`` already is this deploy (same identity), complete: there
+            is nothing to write; :meth:`finish_commit` tidies what a kill inside
+            :meth:`commit` left.
+
     Raises:
-        DeployError: When ``out`` exists without ``overwrite``, or the staging
-            folder exists but was not made by a deploy.
+        DeployError: When ``out`` exists (made otherwise) without ``overwrite``, or
+            the staging folder exists but was not made by a deploy.
     """
 
     def __init__(self, out: str | Path, identity: dict, overwrite: bool):
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.identity = json.loads(json.dumps(identity))
+        self.committed = False
         if self.out.exists() and not overwrite:
+            if self._made_here():
+                self.committed = True
+                return
             raise DeployError(f"{self.out} exists; pass --overwrite to replace it, or choose another output path")
         self.progress = {"identity": self.identity, "shards": []}
         progress_path = self.partial / PROGRESS_NAME
         if progress_path.is_file():
-            old = json.loads(progress_path.read_text())
+            old = load_json(progress_path, DeployError, f"Delete {self.partial} and deploy again.")
             if old.get("identity") == self.identity:
                 self.progress = old
                 log.info("resuming %s: %d shard(s) written before", self.partial, len(old["shards"]))
             else:
                 log.warning("%s was staged with other inputs or settings: starting over", self.partial)
                 self.discard()
-        elif self.partial.exists() and any(self.partial.iterdir()):
+        elif self.partial.exists() and any(not is_temp(p) for p in self.partial.iterdir()):
             raise DeployError(f"{self.partial} exists but was not made by deploy.py; move or delete it")
         self.partial.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(self.partial):
+            log.info("removed %s, left by an interrupted deploy", stale.name)
+        self._save_progress()  # from now on the staging folder says whose it is
+
+    def _made_here(self) -> bool:
+        """Whether the existing ``out`` is a complete deploy of this identity whose files are as its report
+        records them (a kill inside :meth:`commit` may have left the progress record in it)."""
+        try:
+            report = json.loads((self.out / REPORT_NAME).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(report, dict) or report.get("identity") != self.identity or "files" not in report:
+            return False
+        return all(file_change(self.out / name, record) is None for name, record in report["files"].items())
+
+    def finish_commit(self) -> None:
+        """Remove what a kill inside :meth:`commit` may have left: the progress record, the replaced folder."""
+        (self.out / PROGRESS_NAME).unlink(missing_ok=True)
+        old = self.out.with_name(self.out.name + ".deploy-old")
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _save_progress(self) -> None:
+        atomic_write_text(self.partial / PROGRESS_NAME, json.dumps(self.progress) + "\n")
 
     def discard(self) -> None:
         """Forget every recorded shard and start from an empty staging folder."""
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         self.progress = {"identity": self.identity, "shards": []}
+        self._save_progress()
 
     @property
     def shards(self) -> dict[str, dict]:
@@ -342,10 +381,33 @@ class StagedOutput:
         return [s["file"] for s in self.progress["shards"]]
 
     def record_shard(self, name: str, specs: list[TensorSpec], checks: list[TensorCheck]) -> None:
-        """Record a shard (already in the folder under ``name``) with the checks of its tensors."""
+        """Record a shard (already in the folder under ``name``) with its size and checksum and the checks of
+        its tensors."""
         self.progress["shards"].append({"file": name, "keys": [s.name for s in specs],
-                                        "bytes": sum(s.nbytes for s in specs), "checks": [asdict(c) for c in checks]})
-        atomic_write_text(self.partial / PROGRESS_NAME, json.dumps(self.progress) + "\n")
+                                        "bytes": sum(s.nbytes for s in specs),
+                                        "record": file_record(self.partial / name),
+                                        "checks": [asdict(c) for c in checks]})
+        self._save_progress()
+
+    def changed_shards(self) -> list[str]:
+        """Recorded shards that are missing or no longer what was recorded (each with how)."""
+        out = []
+        for shard in self.progress["shards"]:
+            path = self.partial / shard["file"]
+            if "record" in shard:
+                change = file_change(path, shard["record"])
+            else:  # recorded by an older deploy.py: only its presence can be checked
+                change = None if path.is_file() else "is missing"
+            if change:
+                out.append(f"{shard['file']} {change}")
+        return out
+
+    def file_records(self) -> dict[str, dict]:
+        """Size and checksum of every file in the staged folder but the report and the progress record
+        (shards from their records, the rest hashed now)."""
+        shards = {s["file"]: s["record"] for s in self.progress["shards"] if "record" in s}
+        return {p.name: shards.get(p.name) or file_record(p) for p in sorted(self.partial.iterdir())
+                if p.is_file() and not is_temp(p) and p.name not in (PROGRESS_NAME, REPORT_NAME)}
 
     def checks(self) -> list[TensorCheck]:
         """The checks of every recorded shard, in shard order."""
@@ -417,8 +479,11 @@ class ShardedWriter:
         self.staged, self.shards = staged, shards
         self.where = {spec.name: i for i, (_, specs) in enumerate(shards) for spec in specs}
         planned = {name: [s.name for s in specs] for name, specs in shards}
-        if any(planned.get(f) != s["keys"] or not (staged.partial / f).is_file() for f, s in staged.shards.items()):
-            log.warning("%s holds shards of another layout, or lost some: starting over", staged.partial)
+        if any(planned.get(f) != s["keys"] for f, s in staged.shards.items()):
+            log.warning("%s holds shards of another layout: starting over", staged.partial)
+            staged.discard()
+        elif changed := staged.changed_shards():
+            log.warning("%s: %s since it was recorded: starting over", staged.partial, "; ".join(changed))
             staged.discard()
         self.done = {i for i, (name, _) in enumerate(shards) if name in staged.shards}
         self.current: tuple[int, ShardFile] | None = None

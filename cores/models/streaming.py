@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 BlockTransform = Callable[[int, nn.Module], nn.Module]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DEPLOY_REPORT = "deploy_report.json"
+"""Written by ``deploy.py`` into its output, with a record of every file (checked when the folder is read)."""
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -53,6 +55,31 @@ def load_config(reader: CheckpointReader) -> PretrainedConfig:
         return AutoConfig.from_pretrained(reader.model_dir)
     except (ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"cannot parse {reader.model_dir / 'config.json'}: {err}") from err
+
+
+def check_tensor(where: Path, name: str, tensor: torch.Tensor, expected: torch.Tensor | tuple[int, ...]) -> None:
+    """Refuse a stored tensor whose shape, or dtype class, is not that of the model built from ``config.json``.
+
+    Args:
+        where: the checkpoint folder (named in the message).
+        name: the tensor's full name.
+        tensor: as read (FP8 weights already dequantized).
+        expected: the parameter of the module built on the meta device, or the shape
+            a float tensor must have.
+
+    Raises:
+        CheckpointError: naming the tensor, the folder and expected vs found.
+    """
+    shape = tuple(expected) if isinstance(expected, tuple) else tuple(expected.shape)
+    floating = True if isinstance(expected, tuple) else expected.dtype.is_floating_point
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(
+            f"{name} in {where} has shape {tuple(tensor.shape)} but config.json implies {shape}: the weights and "
+            "config.json do not belong together")
+    if floating and (not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1):
+        raise CheckpointError(
+            f"{name} in {where} is stored as {str(tensor.dtype).removeprefix('torch.')} but the model reads a float "
+            "tensor there: the shard's header was altered or the file belongs to another format; download it again")
 
 
 class HiddenStore:
@@ -170,6 +197,10 @@ class StreamingModel:
         self.hidden_size: int = self.config.hidden_size
         qcfg = self.reader.config.get("quantization_config") or {}
         self.deployed = qcfg.get("quant_method") == "compressed-tensors"
+        if (self.reader.model_dir / DEPLOY_REPORT).is_file():
+            from ..deploy.loader import check_deployed_files
+
+            check_deployed_files(self.reader.model_dir)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
@@ -217,26 +248,25 @@ class StreamingModel:
                 f"unexpected {[prefix + k for k in unexpected]}"
             )
         for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise CheckpointError(
-                    f"{prefix + key} in {self.reader.model_dir} has shape {tuple(tensor.shape)} but config.json "
-                    f"implies {tuple(expected[key].shape)}: the weights and config.json do not belong together"
-                )
+            check_tensor(self.reader.model_dir, prefix + key, tensor, expected[key])
         keep = self.family.fp32_suffixes
         module.load_state_dict(
             {k: v.to(self.device, torch.float32 if keep and k.endswith(keep) else self.dtype) for k, v in state.items()},
             assign=True, strict=not skip,
         )
 
-    def _read_one(self, key: str) -> torch.Tensor:
-        return self._to_device(self.reader.read([key])[key])
+    def _read_one(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``key`` (outside the blocks), checked to be a float tensor of ``shape``."""
+        tensor = self.reader.read([key])[key]
+        check_tensor(self.reader.model_dir, key, tensor, shape)
+        return self._to_device(tensor)
 
     def embed_weight(self) -> torch.Tensor:
-        return self._read_one(self.family.embed_key)
+        return self._read_one(self.family.embed_key, (self.config.vocab_size, self.hidden_size))
 
     def lm_head_weight(self) -> torch.Tensor:
         if self.reader.has(self.family.lm_head_key):
-            return self._read_one(self.family.lm_head_key)
+            return self._read_one(self.family.lm_head_key, (self.config.vocab_size, self.hidden_size))
         if getattr(self.config, "tie_word_embeddings", False):
             return self.embed_weight()
         raise CheckpointError(
@@ -245,7 +275,7 @@ class StreamingModel:
 
     def final_norm(self) -> RMSNorm:
         norm = RMSNorm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
-        norm.weight.data = self._read_one(self.family.norm_key)
+        norm.weight.data = self._read_one(self.family.norm_key, (self.hidden_size,))
         return norm.eval().requires_grad_(False)
 
     def rotary(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

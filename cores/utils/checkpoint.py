@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -45,16 +46,28 @@ def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file: ``name -> {dtype, shape, data_offsets}`` (and ``__metadata__``).
 
     Raises:
-        CheckpointError: When the file is too short or its header is not valid JSON.
+        CheckpointError: When the header is not valid JSON, or the file is shorter or
+            longer than its header says (truncated, or joined to something).
     """
+    corrupt = "The file is truncated or corrupt: download it again."
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > file_size - 8:
+                raise ValueError(f"its header would be {size} bytes long, but the file has {file_size}")
             header = json.loads(f.read(size))
     except (OSError, struct.error, ValueError) as err:
-        raise CheckpointError(f"cannot read the header of {path}: {err}. The file is truncated or corrupt.") from err
+        raise CheckpointError(f"cannot read the header of {path}: {err}. {corrupt}") from err
     if not isinstance(header, dict):
-        raise CheckpointError(f"the header of {path} is not a JSON object")
+        raise CheckpointError(f"the header of {path} is not a JSON object. {corrupt}")
+    try:
+        data_bytes = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as err:
+        raise CheckpointError(f"the header of {path} has no valid data_offsets ({err!r}). {corrupt}") from None
+    if 8 + size + data_bytes != file_size:
+        raise CheckpointError(f"{path} has {file_size} bytes but its header describes {8 + size + data_bytes}. "
+                              f"{corrupt}")
     return header
 
 
@@ -181,9 +194,10 @@ class CheckpointReader:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
         self.fp8_block = _fp8_block(self.config)
-        self.weight_map = self._build_weight_map()
         self._headers: dict[str, dict] = {}
+        self.weight_map = self._build_weight_map()
         self._workspace = Workspace()  # buffers of the FP8 dequantization
+        self._check_dtypes()
 
     def _build_weight_map(self) -> dict[str, str]:
         index_path = self.model_dir / INDEX_NAME
@@ -209,6 +223,57 @@ class CheckpointReader:
             )
         with self._open(shards[0]) as f:
             return {key: shards[0] for key in f.keys()}
+
+    def _header(self, filename: str) -> dict:
+        if filename not in self._headers:
+            self._headers[filename] = read_safetensors_header(self.model_dir / filename)
+        return self._headers[filename]
+
+    def _check_dtypes(self) -> None:
+        """Refuse stored dtypes that cannot be what the checkpoint was saved with.
+
+        A safetensors header states each tensor's dtype and nothing ties it to the
+        bytes: a header whose ``BF16`` was edited to ``F16`` (the same size, so every
+        offset still fits) reads without error as other numbers, and the model runs
+        to a meaningless perplexity. The shape and the dtype class of every tensor a
+        block reads are checked against the model built from ``config.json`` where it
+        is loaded (:func:`cores.models.streaming.check_tensor`: a float weight stored
+        as an integer type is refused there); what is left is a swap between float
+        dtypes of one size, which only a rule about the whole checkpoint can catch:
+
+        - the 16-bit float tensors all share one dtype, and it is the ``torch_dtype``
+          (or ``dtype``) of ``config.json`` when that names a 16-bit dtype. Checkpoints
+          are saved in one 16-bit dtype; fp32 tensors beside it are normal (router
+          biases, some norms), and so are FP8 weights with their scales;
+        - FP8 tensors are ``F8_E4M3`` (``F8_E5M2`` is not a weight format we read).
+
+        Raises:
+            CheckpointError: naming the shard, the tensors and what was expected.
+        """
+        dtypes: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for filename in sorted(set(self.weight_map.values())):
+            for key, entry in self._header(filename).items():
+                if key != "__metadata__" and isinstance(entry, dict):
+                    dtypes[entry.get("dtype")].append((filename, key))
+        if dtypes.get("F8_E5M2"):
+            filename, key = dtypes["F8_E5M2"][0]
+            raise CheckpointError(f"{self.model_dir / filename}: tensor {key!r} is F8_E5M2; FP8 checkpoints store "
+                                  "F8_E4M3 weights with a weight_scale_inv, so the header is altered or the format "
+                                  "unsupported")
+        declared = str(self.config.get("torch_dtype") or self.config.get("dtype") or "").removeprefix("torch.")
+        expected = {"bfloat16": "BF16", "float16": "F16"}.get(declared)
+        half = {d: where for d, where in dtypes.items() if d in ("BF16", "F16")}
+        if expected is None and len(half) < 2:
+            return
+        if expected is None:  # both, and config.json does not say which: the fewer ones are the odd ones
+            expected = max(half, key=lambda d: len(half[d]))
+        for dtype, where in half.items():
+            if dtype != expected:
+                names = ", ".join(f"{k!r} ({f})" for f, k in where[:3]) + (" ..." if len(where) > 3 else "")
+                raise CheckpointError(
+                    f"{self.model_dir}: {len(where)} tensor(s) are stored as {dtype} where the checkpoint's 16-bit "
+                    f"dtype is {expected}{f' (config.json: {declared})' if declared else ''}: {names}. A header was "
+                    "altered or shards of two checkpoints were mixed: download the shard(s) again")
 
     def _open(self, filename: str):
         path = self.model_dir / filename
@@ -304,9 +369,7 @@ class CheckpointReader:
         if key not in self.weight_map:
             raise CheckpointError(f"tensor {key!r} is not in {self.model_dir}")
         filename = self.weight_map[key]
-        if filename not in self._headers:
-            self._headers[filename] = read_safetensors_header(self.model_dir / filename)
-        entry = self._headers[filename].get(key)
+        entry = self._header(filename).get(key)
         if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.model_dir / filename} has no readable header entry for {key!r}")
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]

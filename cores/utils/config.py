@@ -34,7 +34,8 @@ def build_config(cls: type[T], yaml_path: str | Path | None, flags: dict[str, An
         flags: field values from the command line; ``None`` means "not given".
 
     Raises:
-        ValueError: for keys that are not fields of ``cls``.
+        ValueError: for keys that are not fields of ``cls``, and for fields without a default
+            that neither gives.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     values = load_yaml(yaml_path) if yaml_path else {}
@@ -42,11 +43,12 @@ def build_config(cls: type[T], yaml_path: str | Path | None, flags: dict[str, An
     if unknown:
         raise ValueError(f"{yaml_path}: unknown option(s) {unknown}; valid: {sorted(names)}")
     values.update({k: v for k, v in flags.items() if v is not None})
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing required option(s) {', '.join('--' + m for m in missing)}: give them as flags"
+                         + (f" or in {yaml_path}" if yaml_path else " (or in a --config YAML file)"))
     if "ignore" in values:
         values["ignore"] = tuple(values["ignore"])
     return cls(**values)
 
-
-def parse_device(dev: str | None) -> str | None:
-    """``0`` -> ``cuda:0`` (the seed's spelling); anything else unchanged."""
-    return f"cuda:{dev}" if dev is not None and dev.isdigit() else dev

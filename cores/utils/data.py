@@ -9,6 +9,7 @@ same Wikitext split gives the same string whichever form it is stored in.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -67,7 +68,8 @@ def load_text(dataset: str | Path, split: str = "test") -> str:
     return text
 
 
-def ppl_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+def ppl_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None,
+                source: str = "the text") -> torch.LongTensor:
     """Tokenize ``text`` once and cut it into non-overlapping windows, dropping the tail (GPTQ protocol).
 
     Args:
@@ -75,6 +77,7 @@ def ppl_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = No
         text: the whole split.
         seq_len: tokens per window.
         max_windows: keep only the first N windows (None: all).
+        source: names the text in errors.
 
     Returns:
         Token ids of shape ``[n_windows, seq_len]``.
@@ -82,13 +85,15 @@ def ppl_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = No
     ids = _token_ids(tokenizer, text)
     n = ids.numel() // seq_len
     if n < 1:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"{source} has {ids.numel()} tokens, fewer than one window of --seq_len {seq_len}: "
+                         "give more text or a smaller --seq_len")
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: int) -> torch.LongTensor:
+def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: int,
+                        source: str = "the text") -> torch.LongTensor:
     """Random windows of ``seq_len`` tokens from ``text`` (GPTQ style), the same for the same seed.
 
     Args:
@@ -97,6 +102,7 @@ def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed
         n_samples: how many windows.
         seq_len: tokens per window.
         seed: seeds the ``torch.Generator`` that draws the start offsets.
+        source: names the text in errors.
 
     Returns:
         Token ids of shape ``[n_samples, seq_len]``.
@@ -105,7 +111,8 @@ def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed
         raise ValueError(f"n_samples must be positive, got {n_samples}")
     ids = _token_ids(tokenizer, text)
     if ids.numel() < seq_len:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one sample of {seq_len}")
+        raise ValueError(f"{source} has {ids.numel()} tokens, fewer than one sample of --seq_len {seq_len}: "
+                         "give more text or a smaller --seq_len")
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
 
@@ -149,7 +156,7 @@ def _cached_wikitext2(split: str) -> str:
 
 def _file_text(path: Path) -> str:
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     if path.suffix == ".parquet":
         return _join(_parquet_rows(path))
     if path.suffix == ".raw":
@@ -167,7 +174,7 @@ def _folder_text(folder: Path, split: str) -> str:
             return _join(_raw_rows(raw))
     for stem in _TXT_STEMS[split]:
         if (txt := folder / f"{stem}.txt").is_file():
-            return txt.read_text(encoding="utf-8")
+            return _read_utf8(txt)
     docs = sorted(folder.glob("*.txt"))
     split_files = [p.name for p in docs if p.stem in _SPLIT_NAMES]
     if split_files:
@@ -177,7 +184,7 @@ def _folder_text(folder: Path, split: str) -> str:
             f"{folder}: no text for split '{split}' (expected {split}-*.parquet, {_RAW_FILES[split]}, "
             f"{' / '.join(s + '.txt' for s in _TXT_STEMS[split])} or plain .txt files)")
     log.warning("%s: no split files; using all %d .txt files for split '%s'", folder, len(docs), split)
-    return "\n\n".join(p.read_text(encoding="utf-8") for p in docs)
+    return "\n\n".join(_read_utf8(p) for p in docs)
 
 
 def _parquet_shards(folder: Path, split: str) -> list[Path]:
@@ -195,10 +202,17 @@ def _arrow_rows(path: Path) -> list[str]:
         return pa.ipc.open_stream(source).read_all().column("text").to_pylist()
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 text (a binary file) is refused by name."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); pass a text file") from None
+
+
 def _raw_rows(path: Path) -> list[str]:
     """A Wikitext ``.raw`` file as the dataset's rows: one per line, blank lines as empty strings."""
-    with open(path, encoding="utf-8") as f:
-        return [line if line.strip() else "" for line in f]
+    return [line if line.strip() else "" for line in io.StringIO(_read_utf8(path))]
 
 
 def _join(rows: Iterable[str]) -> str:

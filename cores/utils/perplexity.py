@@ -107,7 +107,8 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
     if max_pos and cfg.seq_len > max_pos:
         log.warning("seq_len %d exceeds the model's max_position_embeddings %d", cfg.seq_len, max_pos)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    windows = ppl_windows(tokenizer, load_text(cfg.dataset, cfg.split), cfg.seq_len, cfg.max_windows)
+    windows = ppl_windows(tokenizer, load_text(cfg.dataset, cfg.split), cfg.seq_len, cfg.max_windows,
+                          source=f"--dataset {cfg.dataset} (split {cfg.split})")
     log.info("%s: %d windows of %d tokens, %s on %s", cfg.dataset, len(windows), cfg.seq_len, model.dtype, model.device)
     start = time.perf_counter()
     nll, tokens = model.sequence_nll(windows, cfg.batch_size, cfg.offload_dir, block_transform)

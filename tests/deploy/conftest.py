@@ -15,12 +15,8 @@ from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread (and do not thrash when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def deploy_tests_on_one_thread(one_thread):
+    """Every deploy test runs on one torch thread (:func:`conftest.one_thread`)."""
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def make_params(model_dir: Path, out: Path, scheme: QuantScheme, seed: int = 0) 
                 param.add_(0.5 * torch.randn(param.shape, generator=gen))
         params.save_block(idx, quant_state_dict(block), {"block": idx})
     return params
+
+
+def editable_copy(deployed: Path, dst: Path) -> Path:
+    """A copy of a deployed folder without its ``deploy_report.json``, whose file records would refuse an edited
+    shard before the loader's own checks see it."""
+    shutil.copytree(deployed, dst, ignore=shutil.ignore_patterns("deploy_report.json"))
+    return dst
 
 
 def logits(model_dir: Path, ids: torch.Tensor, transform: BlockTransform | None = None) -> torch.Tensor:

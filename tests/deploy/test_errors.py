@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deploy as deploy_cli
+from deploy_helpers import editable_copy
 from cores.calibrator.params import ParamDirError
 from cores.deploy import DeployConfig, DeployError, deploy
 from cores.deploy import writer as writer_mod
@@ -159,8 +160,7 @@ def test_rerun_with_other_settings_starts_over(tiny_llama, tmp_path, monkeypatch
 
 def test_loader_names_a_missing_deployed_tensor(deployed, tmp_path):
     _, out = deployed("w8a8c8", "static", "fp8")
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
+    broken = editable_copy(out, tmp_path / "broken")
     index = json.loads((broken / INDEX_NAME).read_text())
     key = "model.layers.1.mlp.down_proj.input_scale"
     shard = broken / index["weight_map"].pop(key)

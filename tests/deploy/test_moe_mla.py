@@ -13,14 +13,13 @@ and the V3.2 indexer in bf16 and in ``ignore``, the MTP layer passed through).
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationScheme
-from deploy_helpers import GROUP, SEQ, TEXT
+from deploy_helpers import GROUP, SEQ, TEXT, editable_copy
 from safetensors.torch import load_file, save_file
 
 from cores.calibrator.extract import ExtractConfig, extract_calibration
@@ -205,8 +204,7 @@ def test_fp8_source_deploys_like_its_bf16_twin(sources, params, tmp_path):
 
 def test_loader_refuses_an_mla_cache_with_two_scales(deployed, tmp_path):
     out = deployed("deepseek_v32", "w8a8c8")
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
+    broken = editable_copy(out, tmp_path / "broken")
     key = "model.layers.1.self_attn.attn_mqa.v_scale"
     shard = broken / json.loads((broken / INDEX_NAME).read_text())["weight_map"][key]
     tensors = load_file(shard)
