@@ -88,10 +88,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format", "group_size", "lwc",
-                                        "lac", "epochs", "lr", "lwc_lr", "weight_decay", "batch_size", "start_block_idx",
-                                        "end_block_idx", "train_mode", "min_expert_tokens", "rtn", "sequential",
-                                        "seed")}
+    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format",
+                                        "group_size", "lwc", "lac", "epochs", "lr", "lwc_lr", "weight_decay",
+                                        "batch_size", "start_block_idx", "end_block_idx", "train_mode",
+                                        "min_expert_tokens", "rtn", "sequential", "seed")}
     flags.update(scheme=a.scheme or from_bits)
     cfg = build_config(TrainConfig, a.config, flags)
     check_output_dir("--output_dir", cfg.output_dir)
