@@ -73,7 +73,6 @@ ActFormat = Literal["int8", "fp8"]
 KVFormat = Literal["int8", "fp8"]
 
 
-
 WEIGHT_CHUNK_ELEMENTS = 1 << 20
 """Values per chunk when a weight is quantized for export (4 MiB fp32 buffers: few enough chunks that the
 per-op overhead of torch stays small, small enough to stay in the last-level cache)."""
