@@ -21,8 +21,9 @@ from ..models.streaming import DEPLOY_REPORT as REPORT_NAME
 from ..models.streaming import check_tensor
 from ..quantization import FP8_E4M3_MAX, ActQuantizer, KVQuantizer, QuantLinear, QuantState, set_quant_state
 from ..utils.checkpoint import CheckpointError
-from ..utils.io import file_change, load_json
+from ..utils.io import load_json
 from .format import KV_SCALE_NAMES, WEIGHT_NAMES, DeployedFormat, dequantize_codes, weight_codes
+from .writer import changed_files
 
 if TYPE_CHECKING:
     from ..models.streaming import StreamingModel
@@ -72,12 +73,9 @@ def check_deployed_files(folder: Path) -> None:
         log.warning("%s records no file checksums (written by an older deploy.py): its files are not checked",
                     folder / REPORT_NAME)
         return
-    for name, record in files.items():
-        change = file_change(folder / name, record)
-        if change:
-            raise CheckpointError(f"{folder / name} {change}, as {REPORT_NAME} records it: the deployed checkpoint "
-                                  "was modified or damaged; deploy it again (or copy it again from where it was "
-                                  "written)")
+    for name, change in changed_files(folder, files):
+        raise CheckpointError(f"{folder / name} {change}, as {REPORT_NAME} records it: the deployed checkpoint "
+                              "was modified or damaged; deploy it again (or copy it again from where it was written)")
 
 
 def _take(stored: dict[str, Tensor], key: str, where: str) -> Tensor:

@@ -28,7 +28,7 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +64,15 @@ def parse_size(text: str | int) -> int:
     if not match or float(match.group(1)) <= 0:
         raise DeployError(f"--max_shard_size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+def changed_files(folder: Path, records: dict[str, dict]) -> Iterator[tuple[str, str]]:
+    """``(name, how it changed)`` of every file of ``folder`` that is no longer as ``records`` (name -> record
+    of :func:`~cores.utils.io.file_record`) recorded it, in the records' order."""
+    for name, record in records.items():
+        change = file_change(folder / name, record)
+        if change:
+            yield name, change
 
 
 @dataclass(frozen=True)
@@ -352,7 +361,7 @@ class StagedOutput:
             return False
         if not isinstance(report, dict) or report.get("identity") != self.identity or "files" not in report:
             return False
-        return all(file_change(self.out / name, record) is None for name, record in report["files"].items())
+        return next(changed_files(self.out, report["files"]), None) is None
 
     def finish_commit(self) -> None:
         """Remove what a kill inside :meth:`commit` may have left: the progress record, the replaced folder."""
