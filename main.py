@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
     p.add_argument("--output_dir", help="param dir to write")
     p.add_argument("--scheme", choices=scheme_names(), help="quantization scheme (default w8a8c8)")
-    p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default static)")
+    p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default dynamic)")
     p.add_argument("--act_format", choices=["int8", "fp8"],
                    help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
                         "w4 scheme (the W4A8 vLLM runs on GPU)")
@@ -58,10 +58,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
     p.add_argument("--lac", action=argparse.BooleanOptionalAction,
                    help="learn activation / KV clipping (default on)")
+    p.add_argument("--rounding", action=argparse.BooleanOptionalAction,
+                   help="learn a rounding offset per weight, jointly with the clips (default on)")
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction,
+                   help="learned smoothing between each norm / v_proj / up_proj and the linears reading it, "
+                        "SmoothQuant-initialised, folded into the checkpoint (default on; block mode)")
+    p.add_argument("--smooth_lr", type=float, help="learning rate of the log smoothing scales (default 5e-3)")
+    p.add_argument("--loss", choices=["norm_mse", "mse"],
+                   help="block loss: norm_mse (default), the MSE after the norm that reads the block's output; "
+                        "mse: on the raw residual stream")
     p.add_argument("--epochs", "--epoch", dest="epochs", type=at_least(0), help="epochs per block (default 5)")
     p.add_argument("--lr", "--base_lr", dest="lr", type=float,
                    help="learning rate of the activation / KV clipping (default 1e-2 static, 2e-3 dynamic)")
-    p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default: --lr)")
+    p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default 1e-2 W4, 2e-3 W8)")
+    p.add_argument("--round_lr", type=float, help="learning rate of the rounding offsets (default 5e-3)")
     p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=at_least(1),
                    help="samples per step (default 1)")
@@ -89,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
     flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format",
-                                        "group_size", "lwc", "lac", "epochs", "lr", "lwc_lr", "weight_decay",
+                                        "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
+                                        "round_lr", "weight_decay",
                                         "batch_size", "start_block_idx", "end_block_idx", "train_mode",
                                         "min_expert_tokens", "rtn", "sequential", "seed")}
     flags.update(scheme=a.scheme or from_bits)

@@ -5,7 +5,9 @@ Quantizes the model with one llm-compressor recipe (``oneshot``), calibrated on 
 exact token windows of one of our dumps (``tokens.safetensors``, key ``input_ids``),
 then evaluates perplexity with a plain ``transformers`` forward of the model that
 ``oneshot`` leaves in memory (its fake-quant modules are active in that forward) on
-the windows of ``cores.utils.data.ppl_windows``. Writes a JSON result.
+the windows of ``cores.utils.data.ppl_windows``. Writes a JSON result. ``*_kv8`` recipes add
+FP8 KV-cache fake-quant (hooked into attention by compressed-tensors); their JSON also holds
+``kv_check``, the first window's NLL with that quantization on and off.
 
 Usage:
     python bench/baselines/llmcompressor_gptq.py --recipe gptq_w8a8 --model M --tokens T \
@@ -32,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from cores.utils.data import load_text, ppl_windows  # noqa: E402
 
 log = logging.getLogger("llmcompressor_baseline")
-RECIPES = ("bf16", "gptq_w8a8", "gptq_w4a8_g64", "gptq_w4a16_g64", "sq_gptq_w8a8")
+RECIPES = ("bf16", "gptq_w8a8", "gptq_w4a8_g64", "gptq_w4a16_g64", "sq_gptq_w8a8", "gptq_w8a8_static",
+           "sq_gptq_w8a8_static", "gptq_w8a8_kv8", "sq_gptq_w8a8_kv8")
 
 
 def int4_group(group_size: int, act_bits: int | None):
@@ -47,6 +50,24 @@ def int4_group(group_size: int, act_bits: int | None):
     return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
 
 
+def int8_static_tensor():
+    """A GPTQ modifier for int8 per-channel weights and int8 static per-tensor inputs (``minmax`` observer)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    weights = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)
+    acts = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+
+
+def fp8_kv_cache():
+    """The KV-cache scheme compressed-tensors writes for FP8 KV: e4m3, static per-tensor k/v scales."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+
+
 def build_recipe(name: str) -> list:
     """The llm-compressor modifiers of a recipe name (``bf16``: none)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -59,14 +80,38 @@ def build_recipe(name: str) -> list:
         "gptq_w4a16_g64": lambda: [int4_group(64, None)],
         "sq_gptq_w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
                                  GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
+        "gptq_w8a8_static": lambda: [int8_static_tensor()],
+        "sq_gptq_w8a8_static": lambda: [SmoothQuantModifier(smoothing_strength=0.8), int8_static_tensor()],
+        "gptq_w8a8_kv8": lambda: [GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"],
+                                               kv_cache_scheme=fp8_kv_cache())],
+        "sq_gptq_w8a8_kv8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
+                                     GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"],
+                                                  kv_cache_scheme=fp8_kv_cache())],
     }
     return recipes[name]()
 
 
 def window_nll(model, windows: torch.Tensor) -> float:
     """Mean next-token NLL over equal-length windows (= token mean, as in our evaluator)."""
+    total = 0.0
     with torch.no_grad():
-        return sum(float(model(w[None], labels=w[None]).loss) for w in windows) / len(windows)
+        for i, w in enumerate(windows):
+            total += float(model(w[None], labels=w[None]).loss)
+            if (i + 1) % 8 == 0 or i + 1 == len(windows):
+                log.info("eval: window %d/%d, mean nll %.4f", i + 1, len(windows), total / (i + 1))
+    return total / len(windows)
+
+
+def kv_check(model, window: torch.Tensor) -> dict:
+    """Evidence that the in-memory forward fake-quantizes the KV cache: one window's NLL with it on and off."""
+    attn = [m for m in model.modules() if hasattr(m, "kv_cache") and hasattr(m, "k_scale")]
+    nll_on = window_nll(model, window[None])
+    for m in attn:
+        m.quantization_enabled = False
+    nll_off = window_nll(model, window[None])
+    for m in attn:
+        m.quantization_enabled = True
+    return {"attention_modules_with_kv_scales": len(attn), "nll_window0_kv_on": nll_on, "nll_window0_kv_off": nll_off}
 
 
 def main() -> None:
@@ -103,10 +148,12 @@ def main() -> None:
     windows = ppl_windows(tok, load_text(args.eval_text, "test"), args.seq_len, args.max_windows)
     start = time.perf_counter()
     nll = window_nll(model.eval(), windows)
+    eval_s = time.perf_counter() - start
+    kv = kv_check(model, windows[0]) if args.recipe.endswith("_kv8") else None
     result = {
         "recipe": args.recipe, "ppl": math.exp(nll), "nll": nll, "tokens": windows.shape[0] * (args.seq_len - 1),
         "windows": windows.shape[0], "seq_len": args.seq_len, "calib_shape": list(calib.shape),
-        "quant_seconds": quant_s, "eval_seconds": time.perf_counter() - start,
+        "quant_seconds": quant_s, "eval_seconds": eval_s, **({"kv_check": kv} if kv else {}),
         "versions": {m: version(m) for m in ("llmcompressor", "compressed-tensors", "transformers", "torch")},
     }
     out = Path(args.output_json)

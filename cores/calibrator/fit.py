@@ -3,9 +3,10 @@
 A train mode says what one *row* is (a calibration sample for a block or an
 attention sub-block, a token for an expert) and how to compute the loss of a
 batch of rows; :func:`fit` does the rest: calibrate static ranges, measure
-round-to-nearest, learn the clipping with AdamW (learning rate decaying linearly to
-0, weight and activation clips each with their own rate), measure the deployed (frozen)
-forward after every epoch and keep the best state, round-to-nearest included.
+round-to-nearest, choose initial smoothing scales where the module has smoothers,
+learn clips, rounding offsets and smoothing scales with AdamW (learning rate decaying
+linearly to 0, each kind with its own rate), measure the deployed (frozen) forward
+after every epoch and keep the best state, the starting one included.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore
-from ..quantization import QuantState, set_quant_state
+from ..quantization import LAC_INIT_LOGIT, ActQuantizer, QuantState, set_quant_state
 from .dump import DumpError, HiddenDump
-from .quant_block import freeze, learnable_parameters, load_quant_state, quant_state_dict
+from .quant_block import freeze, init_smoothers, learnable_parameters, load_quant_state, quant_state_dict, smoothers
 
 Rows = Sequence[int] | Tensor
 BatchLoss = Callable[[Rows], tuple[Tensor, float]]
@@ -37,6 +38,13 @@ class FitOptions:
         epochs: passes over the rows (0: round-to-nearest only).
         lr: AdamW learning rate of the activation and KV-cache clipping logits (LAC).
         lwc_lr: learning rate of the weight clipping logits (LWC); None: ``lr``.
+        round_lr: learning rate of the rounding offsets; None: ``lwc_lr``.
+        smooth_alphas: SmoothQuant migration strengths tried for the initial smoothing scales
+            (identity is always a candidate); empty: smoothing stays identity and is not learned.
+        smooth_lr: learning rate of the log smoothing scales; None: ``lr``.
+        smooth_search_rows: rows the smoothing search calibrates and scores each candidate on.
+        clip_search: after observing the static ranges, a second pass picks each static quantizer's
+            initial clip from :data:`~cores.quantization.quantizers.CLIP_GRID` by its quantization MSE.
         weight_decay: AdamW weight decay.
         batch: rows per step.
         seed: shuffling seed.
@@ -48,6 +56,11 @@ class FitOptions:
     batch: int
     seed: int = 0
     lwc_lr: float | None = None
+    round_lr: float | None = None
+    smooth_alphas: tuple[float, ...] = ()
+    smooth_lr: float | None = None
+    smooth_search_rows: int = 2
+    clip_search: bool = False
 
 
 class Batches:
@@ -77,13 +90,75 @@ def mse(out: Tensor, target: Tensor, weight: Tensor | None = None) -> tuple[Tens
     return (err * weight.float()).sum() / total, float(total)
 
 
-def calibrate(module: nn.Module, batch_loss: BatchLoss, n: int, batch: int) -> None:
-    """Run every row once with the static quantizers observing their ranges; the module ends frozen."""
+def norm_mse(out: Tensor, target: Tensor, norm: nn.Module) -> tuple[Tensor, float]:
+    """:func:`mse` of the two after ``norm`` (the RMSNorm that reads them next), and the batch weight.
+
+    On the residual stream a few massive-activation channels dominate a plain MSE
+    while the next layer sees every token rescaled by its RMS; the error measured
+    after that norm is the one the rest of the model reads.
+    """
+    return mse(norm(out.float()), norm(target.float()))
+
+
+def calibrate(module: nn.Module, batch_loss: BatchLoss, n: int, batch: int, clip_search: bool = False) -> None:
+    """Run every row once with the static quantizers observing their ranges; the module ends frozen.
+
+    With ``clip_search`` a second pass scores the clips of every static int8 quantizer
+    (:meth:`~cores.quantization.ActQuantizer.start_clip_search`) and each takes its best.
+    """
     set_quant_state(module, QuantState.CALIBRATE)
+    static = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.absmax is not None]
+    searched = [m for m in static if m.fmt == "int8"]  # an fp8 cache's error is relative: its absmax stays
     with torch.no_grad():
-        for lo in range(0, n, batch):
-            batch_loss(range(lo, min(n, lo + batch)))
+        for search in (False, True) if clip_search and searched else (False,):
+            for quantizer in searched if search else ():
+                quantizer.start_clip_search()
+            for lo in range(0, n, batch):
+                batch_loss(range(lo, min(n, lo + batch)))
+            for quantizer in searched if search else ():
+                quantizer.finish_clip_search()
     freeze(module)
+
+
+def reset_ranges(module: nn.Module) -> None:
+    """Forget the observed ranges (and searched clips) of every static quantizer, for a new calibration pass."""
+    for child in module.modules():
+        if isinstance(child, ActQuantizer) and child.absmax is not None:
+            child.absmax.zero_()
+            if child.clip_factor is not None:
+                child.clip_factor.data.fill_(LAC_INIT_LOGIT)
+
+
+def search_init(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions, record: dict) -> None:
+    """The starting point of training: smoothing scales and static clips, or plain RTN where that is better.
+
+    Each smoothing candidate (identity, or SmoothQuant at each of ``opts.smooth_alphas``)
+    recalibrates the static ranges and is scored frozen on the first
+    ``opts.smooth_search_rows`` rows. The winner is recalibrated on all ``n`` rows, with the
+    clip search when ``opts.clip_search``, and kept if it beats RTN there
+    (``record["loss_rtn"]``); otherwise the module goes back to RTN. The module ends frozen.
+    """
+    rows = min(n, opts.smooth_search_rows)
+    alphas = (None, *opts.smooth_alphas) if smoothers(module) else (None,)
+
+    def start_from(alpha: float | None, search: bool, upto: int) -> None:
+        init_smoothers(module, alpha)
+        reset_ranges(module)
+        calibrate(module, batch_loss, upto, opts.batch, search)
+
+    scores: dict[str, float] = {}
+    if len(alphas) > 1:
+        for alpha in alphas:
+            start_from(alpha, False, rows)
+            scores[str(alpha)] = mean_loss(batch_loss, rows, opts.batch)
+    best = min(scores, key=scores.get) if scores else "None"
+    alpha = None if best == "None" else float(best)
+    start_from(alpha, opts.clip_search, n)
+    loss = mean_loss(batch_loss, n, opts.batch)
+    if loss >= record["loss_rtn"]:
+        alpha, loss = None, record["loss_rtn"]
+        start_from(None, False, n)
+    record.update(smooth_alpha=alpha, smooth_scores=scores, loss_init=loss, init_is_rtn=loss == record["loss_rtn"])
 
 
 def mean_loss(batch_loss: BatchLoss, n: int, batch: int) -> float:
@@ -117,18 +192,31 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
         the module is left frozen with that state loaded.
     """
     calibrate(module, batch_loss, n, opts.batch)
-    rtn_state = quant_state_dict(module)
     loss_rtn = mean_loss(batch_loss, n, opts.batch)
     record = {"loss_rtn": loss_rtn, "loss_learned": loss_rtn, "epoch_losses": [], "epoch_eval_losses": [],
               "best_epoch": 0, "fallback_to_rtn": False}
+    has_static = any(isinstance(m, ActQuantizer) and m.absmax is not None and m.fmt == "int8" for m in module.modules())
+    if (opts.smooth_alphas and smoothers(module)) or (opts.clip_search and has_static):
+        search_init(module, batch_loss, n, opts, record)
+        record["loss_learned"] = record["loss_init"]
+    rtn_state = quant_state_dict(module)
     params = learnable_parameters(module)
     if opts.epochs == 0 or not params:
         return rtn_state, record
 
-    lwc = {id(p) for name, p in module.named_parameters() if "weight_quantizer." in name}
-    groups = [{"params": [p for p in params if id(p) in lwc], "lr": opts.lwc_lr or opts.lr},
-              {"params": [p for p in params if id(p) not in lwc], "lr": opts.lr}]
+    named = dict(module.named_parameters())
+    rounding = {id(p) for name, p in named.items() if name.endswith(".round_offset")}
+    smooth = {id(p) for name, p in named.items() if name.endswith("smooth.log_scale")}
+    lwc = {id(p) for name, p in named.items() if "weight_quantizer." in name} - rounding
+    lwc_lr = opts.lwc_lr or opts.lr
+    groups = [{"params": [p for p in params if id(p) in lwc], "lr": lwc_lr},
+              {"params": [p for p in params if id(p) in rounding], "lr": opts.round_lr or lwc_lr},
+              {"params": [p for p in params if id(p) in smooth], "lr": opts.smooth_lr or opts.lr},
+              {"params": [p for p in params if id(p) not in lwc | rounding | smooth], "lr": opts.lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=opts.weight_decay)
+    # the loss relative to the start: block losses are 1e-5..1e-2, and their gradients would sit below
+    # AdamW's eps (1e-8), which then damps every step; relative to the start, gradients are O(1)
+    loss_scale = 1.0 / max(record["loss_learned"], 1e-30)
     steps = opts.epochs * math.ceil(n / opts.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)  # linear decay to 0
     gen = torch.Generator().manual_seed(opts.seed)
@@ -141,7 +229,7 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss is {float(loss)} in epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * loss_scale).backward()
             opt.step()
             sched.step()
             total, weight = total + float(loss.detach()) * w, weight + w
@@ -152,7 +240,8 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
         if loss_eval < record["loss_learned"]:
             record.update(loss_learned=loss_eval, best_epoch=epoch)
             best_state = quant_state_dict(module)
-    record["fallback_to_rtn"] = record["best_epoch"] == 0  # no epoch beat RTN on the calibration set: ship RTN
+    # no epoch beat the start on the calibration set: ship the start (RTN unless the search found better)
+    record["fallback_to_rtn"] = record["best_epoch"] == 0 and record.get("init_is_rtn", True)
     load_quant_state(module, best_state, label)
     freeze(module)
     return best_state, record

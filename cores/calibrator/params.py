@@ -31,6 +31,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import Tensor, nn
 
 from ..quantization import QuantScheme
@@ -301,11 +302,20 @@ class ParamSet:
         identity, scheme = self.identity(), self.scheme()
 
         def transform(idx: int, block: nn.Module) -> nn.Module:
-            quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"])
+            quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"],
+                           rounding=identity.get("rounding", False), smooth=identity.get("smooth", False),
+                           smooth_dtype=smooth_dtype(identity) or torch.bfloat16)
             load_quant_state(block, self.load_block(idx), f"params of block {idx} in {', '.join(map(str, self.paths))}")
             return freeze(block) if frozen else block
 
         return transform
+
+
+def smooth_dtype(identity: dict) -> torch.dtype | None:
+    """The dtype of a run's smoothers (what its rewritten norm weights are stored in); None: no smoothing."""
+    if not identity.get("smooth"):
+        return None
+    return getattr(torch, identity.get("smooth_dtype") or "bfloat16")
 
 
 def open_params(param_dir: str | Path | None = None, mla_param_path: str | Path | None = None,

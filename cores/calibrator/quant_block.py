@@ -8,7 +8,10 @@ the forward that is trained is the forward that is shipped:
   gate/up) share one input quantizer, as a serving engine fuses them under one
   ``input_scale``;
 - with a C8 scheme, every ``*_cache_quant`` hook of an attention module gets a
-  :class:`KVQuantizer` (the tensors the engine caches).
+  :class:`KVQuantizer` (the tensors the engine caches);
+- with ``smooth``, every smoothing pair the block declares (``smooth_norms``: a norm
+  and the linears that alone read it; ``smooth_pairs``: a linear and the linear that
+  reads it) gets a :class:`Smoother`, when all of its linears are quantized.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from ..quantization import (
     DEFAULT_IGNORE,
+    ROUND_OFFSET_DTYPE,
     KVQuantizer,
     QuantLinear,
     QuantScheme,
@@ -27,9 +31,10 @@ from ..quantization import (
     quantize_linears,
     set_quant_state,
 )
+from ..quantization.smoothing import Smoother
 
 CACHE_HOOKS = ("k_cache_quant", "v_cache_quant", "kv_cache_quant")  # GQA keys / values, MLA latent + rope key
-_STATE_MARKERS = ("_quantizer.", "cache_quant.")
+_STATE_MARKERS = ("_quantizer.", "cache_quant.", "smooth.")
 
 
 def quantize_block(
@@ -39,6 +44,9 @@ def quantize_block(
     lwc: bool = True,
     lac: bool = True,
     scope: str = "",
+    rounding: bool = False,
+    smooth: bool = False,
+    smooth_dtype: torch.dtype = torch.bfloat16,
 ) -> nn.Module:
     """Swap quantizers into ``block`` in place; it is returned in ``FLOAT`` state.
 
@@ -50,8 +58,13 @@ def quantize_block(
         lac: learn clipping of static activation and KV scales.
         scope: quantize only below this relative name prefix (``"self_attn."``,
             ``"mlp.experts.3."``): one sub-block of a train mode; the rest stays float.
+        rounding: learn a rounding offset per weight (SignRound-style).
+        smooth: add learned smoothing scales (:mod:`~cores.quantization.smoothing`).
+        smooth_dtype: the dtype the checkpoint stores the norm weights (and biases) smoothing rewrites in.
     """
-    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac, scope=scope)
+    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac, rounding=rounding, scope=scope)
+    if smooth:
+        add_smoothers(block, scope, smooth_dtype)
     for path, module in block.named_modules():
         if not f"{path}.".startswith(scope):
             continue
@@ -67,15 +80,61 @@ def quantize_block(
     return block
 
 
+def add_smoothers(block: nn.Module, scope: str = "", dtype: torch.dtype = torch.bfloat16
+                  ) -> list[tuple[Smoother, list[QuantLinear]]]:
+    """Put a :class:`Smoother` on every declared pair of ``block`` whose linears are all quantized (and in scope).
+
+    Returns:
+        ``(smoother, consumers)`` for each pair, for :func:`init_smoothers`.
+    """
+    pairs = []
+    for path, module in block.named_modules():
+        base = f"{path}." if path else ""
+        for norm_name, readers in getattr(module, "smooth_norms", ()):
+            linears = [module.get_submodule(r) for r in readers]
+            if readers and all(isinstance(m, QuantLinear) and f"{base}{r}.".startswith(scope)
+                               for m, r in zip(linears, readers)):
+                norm = module.get_submodule(norm_name)
+                norm.smooth = Smoother(norm.weight.shape[0], device=norm.weight.device, dtype=dtype)
+                for linear in linears:
+                    object.__setattr__(linear, "in_smooth", norm.smooth)
+                pairs.append((norm.smooth, linears))
+        for producer, consumer, repeat, head_dim in getattr(module, "smooth_pairs", ()):
+            p, c = getattr(module, producer), getattr(module, consumer)
+            if isinstance(p, QuantLinear) and isinstance(c, QuantLinear) and f"{base}{producer}.".startswith(scope):
+                p.out_smooth = Smoother(p.out_features, repeat, head_dim, device=p.weight.device, dtype=dtype)
+                object.__setattr__(c, "in_smooth", p.out_smooth)
+                pairs.append((p.out_smooth, [c]))
+    return pairs
+
+
+def smoothers(block: nn.Module) -> list[tuple[Smoother, list[QuantLinear]]]:
+    """Every smoother of a quantized block with the linears that read through it."""
+    consumers: dict[int, list[QuantLinear]] = {}
+    for module in block.modules():
+        if isinstance(module, QuantLinear) and module.in_smooth is not None:
+            consumers.setdefault(id(module.in_smooth), []).append(module)
+    return [(m, consumers.get(id(m), [])) for m in block.modules() if isinstance(m, Smoother)]
+
+
+def init_smoothers(block: nn.Module, alpha: float | None) -> None:
+    """SmoothQuant scales ``act ** alpha / weight ** (1 - alpha)`` from the first calibration pass (None: identity)."""
+    for smoother, linears in smoothers(block):
+        smoother.init_scale(alpha, [linear.weight for linear in linears])
+
+
 def quant_state_dict(block: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     """The learned and calibrated quantizer tensors of ``block`` (no weights), on CPU.
+
+    Rounding offsets are stored as :data:`ROUND_OFFSET_DTYPE`, the values every forward
+    outside training uses.
 
     Args:
         block: a quantized block or sub-module.
         prefix: prepended to every name (a sub-module's name in its block).
     """
     return {
-        prefix + k: v.detach().cpu().clone()
+        prefix + k: v.detach().to("cpu", ROUND_OFFSET_DTYPE if k.endswith(".round_offset") else v.dtype).clone()
         for k, v in block.state_dict().items() if any(m in k for m in _STATE_MARKERS)
     }
 

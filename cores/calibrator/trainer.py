@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, serving_notes
-from ..utils.checkpoint import model_fingerprint
+from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
 from ..utils.io import remove_stale_temps
 from .dump import DumpError, DumpFiles, DumpManifest, boundary_path
-from .fit import Batches, FitOptions, fit, mse
+from .fit import Batches, FitOptions, fit, mse, norm_mse
 from .params import TRAIN_MODES, ParamDir
 from .quant_block import freeze, load_quant_state, quantize_block
 from .sub_blocks import SubBlockJob, train_attention, train_mlp
@@ -46,6 +46,18 @@ overshot: w8a8c8 dynamic on SmolLM2 (8 x 256 tokens, 4 epochs) beat RTN in 26/30
 where 2e-3 for every clip beat it in 12 of 12 sampled blocks."""
 
 
+DEFAULT_ROUND_LR = 5e-3
+"""Adam learning rate of the rounding offsets (in [-0.5, 0.5])."""
+
+DEFAULT_SMOOTH_LR = 5e-3
+"""Adam learning rate of the log smoothing scales."""
+
+SMOOTH_ALPHAS = (0.5, 0.7, 0.85)
+"""SmoothQuant migration strengths the initial smoothing search tries besides identity."""
+
+LOSSES = ("norm_mse", "mse")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one ``main.py`` run.
@@ -55,17 +67,29 @@ class TrainConfig:
         data_dir: calibration dump from ``extract_calib_data.py``.
         output_dir: param dir.
         scheme: ``w8a8c16``, ``w8a8c8``, ``w4a8c16`` or ``w4a8c8``.
-        act: ``static`` (per-tensor input scale, learnable clip) or ``dynamic`` (per-token).
+        act: ``dynamic`` (per-token, the default: what vLLM's int8 kernels run, and far better than a
+            per-tensor scale on models with massive activations) or ``static`` (per-tensor input scale,
+            searched then learned clip; NPU engines).
         kv_format: ``int8`` or ``fp8`` for C8 schemes.
         act_format: ``int8`` activation codes, or ``fp8`` (dynamic, int4 weights).
         group_size: W4 group size (default 128).
         lwc: learn weight clipping.
         lac: learn clipping of static activation / KV scales.
+        rounding: learn a rounding offset per weight (SignRound-style), jointly with the clips.
+        smooth: learned smoothing (equivalent transformations) between each norm and the linears
+            reading it, ``v_proj`` -> ``o_proj`` and ``up_proj`` -> ``down_proj``, initialised by a
+            SmoothQuant search over :data:`SMOOTH_ALPHAS` (identity included) and folded into the
+            checkpoint at deploy; None: on in block mode, off in the sub-block modes (it needs the
+            whole block).
+        smooth_lr: learning rate of the log smoothing scales; None: :data:`DEFAULT_SMOOTH_LR`.
+        loss: ``norm_mse``: the block output's MSE after the norm that reads it next (the next
+            block's input norm, or the final norm); ``mse``: on the raw residual stream.
         epochs: passes over the calibration samples.
         lr: AdamW learning rate of the activation / KV clipping logits (LAC); None:
             1e-2 with static activations, 2e-3 with dynamic ones (:data:`DEFAULT_LAC_LR`).
         lwc_lr: learning rate of the weight clipping logits (LWC); None: 1e-2 for
             4-bit weights, 2e-3 for 8-bit (:data:`DEFAULT_LWC_LR`).
+        round_lr: learning rate of the rounding offsets; None: :data:`DEFAULT_ROUND_LR`.
         weight_decay: AdamW weight decay.
         batch_size: samples per step.
         start_block_idx: first block to train.
@@ -84,15 +108,20 @@ class TrainConfig:
     data_dir: str
     output_dir: str
     scheme: str = "w8a8c8"
-    act: str = "static"
+    act: str = "dynamic"
     kv_format: str = "fp8"
     act_format: str = "int8"
     group_size: int | None = None
     lwc: bool = True
     lac: bool = True
+    rounding: bool = True
+    smooth: bool | None = None
+    smooth_lr: float | None = None
+    loss: str = "norm_mse"
     epochs: int = 5
     lr: float | None = None
     lwc_lr: float | None = None
+    round_lr: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 1
     start_block_idx: int = 0
@@ -108,9 +137,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"train_mode {self.train_mode!r}: choose one of {', '.join(TRAIN_MODES)}")
+        if self.smooth and self.train_mode != "block":
+            raise ValueError(f"--smooth folds scales across a whole block; with --train_mode {self.train_mode} "
+                             "pass --no-smooth")
         if self.sequential and self.train_mode != "block":
             raise ValueError("--sequential feeds whole quantized blocks forward; it needs --train_mode block")
-        rates = [r for r in (self.lr, self.lwc_lr) if r is not None]
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        rates = [r for r in (self.lr, self.lwc_lr, self.round_lr, self.smooth_lr) if r is not None]
         if self.epochs < 0 or any(r <= 0 for r in rates) or self.batch_size < 1:
             raise ValueError(f"need epochs >= 0, lr > 0, lwc_lr > 0, batch_size >= 1 (got {self.epochs}, {self.lr}, "
                              f"{self.lwc_lr}, {self.batch_size})")
@@ -128,17 +162,35 @@ class TrainConfig:
     def fit_options(self) -> FitOptions:
         w_bits = self.quant_scheme.w_bits
         return FitOptions(0 if self.rtn else self.epochs, self.lr or DEFAULT_LAC_LR[self.act], self.weight_decay,
-                          self.batch_size, self.seed, self.lwc_lr or DEFAULT_LWC_LR[w_bits])
+                          self.batch_size, self.seed, self.lwc_lr or DEFAULT_LWC_LR[w_bits],
+                          self.round_lr or DEFAULT_ROUND_LR, SMOOTH_ALPHAS if self.learn_smooth else (),
+                          self.smooth_lr or DEFAULT_SMOOTH_LR, clip_search=self.lac and not self.rtn)
+
+    @property
+    def learn_rounding(self) -> bool:
+        """Rounding offsets are learned (and stored): asked for, and there is training."""
+        return self.rounding and not self.rtn and self.epochs > 0
+
+    @property
+    def learn_smooth(self) -> bool:
+        """Smoothing scales are searched (and learned when there are epochs): asked for, and not RTN."""
+        return (self.train_mode == "block" if self.smooth is None else self.smooth) and not self.rtn
 
 
-def train_block(block, xs: Batches, ys: Batches, n: int, cfg: TrainConfig, cos, sin,
-                label: str) -> tuple[dict[str, torch.Tensor], dict]:
+def train_block(block, xs: Batches, ys: Batches, n: int, cfg: TrainConfig, cos, sin, label: str,
+                norm: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``--train_mode block``: learn a whole quantized block against the next dumped boundary.
+
+    Args:
+        norm: the norm that reads the block's output (``--loss norm_mse``); None: plain MSE.
 
     Returns:
         ``(state, record)`` as :func:`~.fit.fit`; the block is left frozen with that state.
     """
-    return fit(block, lambda rows: mse(block(xs.get(rows), cos, sin), ys.get(rows)), n, cfg.fit_options, label)
+    if norm is None:
+        return fit(block, lambda rows: mse(block(xs.get(rows), cos, sin), ys.get(rows)), n, cfg.fit_options, label)
+    return fit(block, lambda rows: norm_mse(block(xs.get(rows), cos, sin), ys.get(rows), norm), n, cfg.fit_options,
+               label)
 
 
 def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
@@ -166,6 +218,8 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     identity = {
         "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
         "dump": asdict(manifest), "scheme": asdict(scheme), "lwc": cfg.lwc, "lac": cfg.lac,
+        "rounding": cfg.learn_rounding, "smooth": cfg.learn_smooth,
+        "smooth_dtype": str(norm_dtype(model.reader)).removeprefix("torch.") if cfg.learn_smooth else None,
         "ignore": list(cfg.ignore), "train_mode": mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
     }
     params.bind(identity)  # atomic and idempotent: every rank checks for itself, all refuse alike
@@ -193,14 +247,17 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
             source = store if cfg.sequential else dump.boundary(idx)
             xs = Batches(source, model.device, model.dtype, str(boundary_path(cfg.data_dir, idx)))
             if mode == "block":
-                block = quantize_block(model.load_block(idx), scheme, cfg.ignore, cfg.lwc, cfg.lac)
+                block = quantize_block(model.load_block(idx), scheme, cfg.ignore, cfg.lwc, cfg.lac,
+                                       rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
+                                       smooth_dtype=norm_dtype(model.reader))
                 if params.is_done(idx):  # sequential rerun: reuse the finished block to move the inputs on
                     load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
                     freeze(block)
                 else:
                     ys = Batches(dump.boundary(idx + 1), model.device, model.dtype,
                                  str(boundary_path(cfg.data_dir, idx + 1)))
-                    state, record = train_block(block, xs, ys, n, cfg, cos, sin, label)
+                    norm = model.reading_norm(idx) if cfg.loss == "norm_mse" else None
+                    state, record = train_block(block, xs, ys, n, cfg, cos, sin, label, norm)
                     _save(params, idx, state, record, cfg, scheme, n, seq, start)
                 if store is not None:
                     with torch.no_grad():
@@ -209,7 +266,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                 del block
             else:
                 job = SubBlockJob(model, scheme, tuple(cfg.ignore), cfg.lwc, cfg.lac, cfg.fit_options, xs, n, cos, sin,
-                                  cfg.min_expert_tokens)
+                                  cfg.min_expert_tokens, cfg.learn_rounding, cfg.loss)
                 state, record = (train_attention if mode == "mla" else train_mlp)(idx, job, label)
                 _save(params, idx, state, record, cfg, scheme, n, seq, start)
     finally:
@@ -223,7 +280,8 @@ def _save(params: ParamDir, idx: int, state: dict, record: dict, cfg: TrainConfi
           start: float) -> None:
     record.update(block=idx, train_mode=cfg.train_mode, scheme=scheme.name, act=scheme.act_mode, act_format=scheme.act_format,
                   kv_format=scheme.kv_format, group_size=scheme.group_size, epochs=cfg.epochs, lr=cfg.fit_options.lr,
-                  lwc_lr=cfg.fit_options.lwc_lr,
+                  lwc_lr=cfg.fit_options.lwc_lr, rounding=cfg.learn_rounding, round_lr=cfg.fit_options.round_lr,
+                  loss=cfg.loss, smooth=cfg.learn_smooth, smooth_lr=cfg.fit_options.smooth_lr,
                   batch_size=cfg.batch_size, n_samples=n, seq_len=seq, sequential=cfg.sequential, rtn=cfg.rtn,
                   seconds=round(time.perf_counter() - start, 3))
     params.save_block(idx, state, record, cfg.train_mode)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import KVQuantizer, QuantLinear, QuantScheme, Workspace
+from ..quantization.smoothing import Smoother
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
 from .format import KV_SCALE_NAMES
 from .verify import WeightCheck
@@ -86,7 +87,7 @@ def _linear_entry(name: str, linear: QuantLinear, check: bool, workspace: Worksp
     def write(writer: ShardedWriter) -> None:
         weight_check = WeightCheck(name, quantizer.bits, workspace) if check else None
         rows = math.prod(quantizer.shape[:-1])
-        for key, tensor, chunk in quantizer.iter_qparams(linear.weight, workspace):
+        for key, tensor, chunk in quantizer.iter_qparams(linear.export_weight(), workspace):
             if chunk is not None and weight_check is not None:  # the codes written, as floats (W4: unpacked)
                 weight_check.update(chunk.weight, chunk.levels, chunk.scale, overwrite=True)
                 if chunk.rows.stop == rows:
@@ -111,8 +112,10 @@ def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check
     """
     workspace = Workspace() if workspace is None else workspace
     linears = {name: m for name, m in block.named_modules() if isinstance(m, QuantLinear)}
-    replaced = {f"{prefix}{name}.weight" for name in linears}
+    rewritten = _smoothed_tensors(block)
+    replaced = {f"{prefix}{name}.weight" for name in linears} | {prefix + name for name in rewritten}
     entries = [source_entry(reader, [key for key in reader.keys_with_prefix(prefix) if key not in replaced])]
+    entries += [_tensor_entry(prefix + name, tensor) for name, tensor in rewritten.items()]
     for name, module in block.named_modules():
         if name in linears:
             entries.append(_linear_entry(prefix + name, module, prefix + name in check, workspace))
@@ -122,6 +125,18 @@ def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check
                 scale = quantizer.get_qparams()["scale"]
                 entries += [_tensor_entry(prefix + ".".join(filter(None, (name, s))), scale) for s in scale_names]
     return entries
+
+
+def _smoothed_tensors(block: nn.Module) -> dict[str, Tensor]:
+    """The float tensors smoothing rewrote, by block-relative name: norm weights and smoothed biases."""
+    out = {}
+    with torch.no_grad():
+        for name, module in block.named_modules():
+            if isinstance(getattr(module, "smooth", None), Smoother):
+                out[f"{name}.weight"] = module.smoothed_weight(export=True).to(module.smooth.dtype)
+            elif isinstance(module, QuantLinear) and module.export_bias() is not None:
+                out[f"{name}.bias"] = module.export_bias()
+    return out
 
 
 def _is_router(module: nn.Module) -> bool:
@@ -183,7 +198,8 @@ class ExportPlan:
     check: set[str] = field(default_factory=set)
 
 
-def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], transform: BlockTransform) -> ExportPlan:
+def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], transform: BlockTransform,
+                smooth: torch.dtype | None = None) -> ExportPlan:
     """Every unit of a quantized deploy, with the tensors it makes; every block is built on the meta device.
 
     Args:
@@ -191,6 +207,7 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         scheme: The scheme.
         ignore: Module-name patterns kept in high precision.
         transform: ``(idx, block) -> quantized block`` (learned params or round-to-nearest).
+        smooth: the dtype of the transform's smoothers (the norm weights and biases they rewrite); None: none.
 
     Raises:
         ValueError: Naming the layer a scheme cannot take.
@@ -203,7 +220,8 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
     for idx in range(model.num_blocks):
         prefix = family.block_prefix(idx)
         with torch.device("meta"):
-            block = quantize_block(family.build_block(model.config, idx), scheme, ignore, False, False)
+            block = quantize_block(family.build_block(model.config, idx), scheme, ignore, False, False,
+                                   smooth=smooth is not None, smooth_dtype=smooth or torch.bfloat16)
         for name, module in block.named_modules():
             if isinstance(module, QuantLinear):
                 plan.quantized.append(prefix + name)

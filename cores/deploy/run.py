@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibrator.params import open_params
+from ..calibrator.params import open_params, smooth_dtype
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
@@ -223,7 +223,7 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
         if model.deployed:
             raise DeployError(f"{source} is already a compressed-tensors checkpoint; deploy from the FP model")
         scheme, ignore, transform, params = resolve_scheme(cfg, model)
-        plan = plan_export(model, scheme, ignore, transform)
+        plan = plan_export(model, scheme, ignore, transform, smooth=smooth_dtype(params.get("run", {})))
         to_verify = plan.quantized
         plan.check = set(sample(to_verify, cfg.verify_samples, cfg.seed))
         staged = StagedOutput(cfg.output_weight_path, _identity(cfg, model.reader, params), cfg.overwrite)

@@ -13,19 +13,32 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, as the reference implementations do."""
+    """Root-mean-square norm computed in fp32, as the reference implementations do.
+
+    ``smooth`` (a :class:`~cores.quantization.smoothing.Smoother`, set by the quantizing
+    transform) divides the weight per channel, rounded to the dtype deploy stores it in.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.smooth: nn.Module | None = None
+
+    def smoothed_weight(self, export: bool = False) -> torch.Tensor:
+        """The weight of the forward: ``weight / s`` (rounded as stored) with an active smoother (or for
+        ``export``), else ``weight``."""
+        if self.smooth is None or not (export or self.smooth.active):
+            return self.weight
+        return self.smooth.divide(self.weight).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.smoothed_weight() * x.to(dtype)
 
 
 def rope_parameters(config) -> dict:
@@ -94,6 +107,7 @@ class GQAAttention(nn.Module):
 
     # linears that read the same input: engines fuse them and share one input scale
     shared_input_groups = (("q_proj", "k_proj", "v_proj"),)
+    smoothable_input = ("q_proj", "k_proj", "v_proj")  # the only readers of the input: a norm before may smooth
 
     def __init__(
         self,
@@ -121,6 +135,8 @@ class GQAAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, norm_eps)
         self.k_cache_quant: nn.Module = nn.Identity()
         self.v_cache_quant: nn.Module = nn.Identity()
+        # (producer, consumer, repeat, head_dim): v channels smoothed into o_proj, once per query head
+        self.smooth_pairs = (("v_proj", "o_proj", num_heads // num_kv_heads, head_dim),)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -143,6 +159,8 @@ class SwiGLUMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``."""
 
     shared_input_groups = (("gate_proj", "up_proj"),)
+    smoothable_input = ("gate_proj", "up_proj")
+    smooth_pairs = (("up_proj", "down_proj", 1, None),)
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
@@ -163,6 +181,12 @@ class DecoderBlock(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden_size, norm_eps)
         self.mlp = mlp
+        # (norm, the linears that are the only readers of its output): smoothing pairs of the quantizing transform
+        self.smooth_norms = tuple(
+            (norm, tuple(f"{child}.{name}" for name in getattr(getattr(self, child), "smoothable_input", ())))
+            for norm, child in (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+            if getattr(getattr(self, child), "smoothable_input", ())
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

@@ -174,6 +174,9 @@ class MLAAttention(nn.Module):
         # linears that read the same input: engines fuse them and share one input scale
         first = "q_proj" if q_lora_rank is None else "q_a_proj"
         self.shared_input_groups = ((first, "kv_a_proj_with_mqa"),)
+        if indexer is None:  # V3.2's indexer reads the input and the query latent too: no smoothing into them
+            self.smoothable_input = (first, "kv_a_proj_with_mqa")
+            self.smooth_norms = (("q_a_layernorm", ("q_b_proj",)),) if q_lora_rank is not None else ()
 
     def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rotary_interleaved(x, cos, sin) if self.rope_interleave else apply_rotary(x, cos, sin)

@@ -278,6 +278,15 @@ class StreamingModel:
         norm.weight.data = self._read_one(self.family.norm_key, (self.hidden_size,))
         return norm.eval().requires_grad_(False)
 
+    def reading_norm(self, idx: int) -> RMSNorm:
+        """The norm that reads block ``idx``'s output: the next block's input norm, or the final norm."""
+        if idx + 1 >= self.num_blocks:
+            return self.final_norm()
+        norm = RMSNorm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
+        norm.weight.data = self._read_one(self.family.block_prefix(idx + 1) + "input_layernorm.weight",
+                                          (self.hidden_size,))
+        return norm.eval().requires_grad_(False)
+
     def rotary(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = rotary_inv_freq(self.config, self.family.head_dim(self.config))
         return rotary_cos_sin(inv_freq, scaling, seq_len, self.dtype, self.device)

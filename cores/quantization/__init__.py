@@ -41,6 +41,7 @@ from cores.quantization.quantizers import (
     KVQuantizer,
     Quantizer,
     QuantState,
+    ROUND_OFFSET_DTYPE,
     WeightQuantizer,
 )
 from cores.quantization.schemes import (
@@ -65,6 +66,7 @@ __all__ = [
     "LAC_INIT_LOGIT",
     "LWC_INIT_LOGIT",
     "MLA_KV_NOT_VLLM",
+    "ROUND_OFFSET_DTYPE",
     "SCALE_EPS",
     "STATIC_EXPERTS_UNSERVED",
     "ActFormat",

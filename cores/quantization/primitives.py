@@ -235,11 +235,15 @@ def compute_scale_zp(min_val: Tensor, max_val: Tensor, bits: int, symmetric: boo
 
 def _codes(
     x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, ste: bool, work: Tensor | None = None,
-    clamp: bool = True,
+    clamp: bool = True, offset: Tensor | None = None,
 ) -> Tensor:
     if ste:
-        return (round_ste(x / scale) + zero_point).clamp(qmin, qmax)
-    codes = torch.div(x, scale, out=work).round_()
+        q = x / scale if offset is None else x / scale + offset
+        return (round_ste(q) + zero_point).clamp(qmin, qmax)
+    codes = torch.div(x, scale, out=work)
+    if offset is not None:
+        codes.add_(offset)
+    codes.round_()
     if zero_point is not None:
         codes.add_(zero_point)
     return codes.clamp_(qmin, qmax) if clamp else codes
@@ -256,8 +260,9 @@ def quantize(
     out: Tensor | None = None,
     work: Tensor | None = None,
     clamp: bool = True,
+    offset: Tensor | None = None,
 ) -> Tensor:
-    """Integer codes ``clamp(round(x / scale) + zp, qmin, qmax)``.
+    """Integer codes ``clamp(round(x / scale [+ offset]) + zp, qmin, qmax)``.
 
     Args:
         x: Values; ``scale`` and ``zero_point`` broadcast against it.
@@ -274,11 +279,13 @@ def quantize(
         clamp: False skips the clamp, for a caller whose codes cannot leave the range: the
             symmetric absmax scale ``max|x| / qmax`` keeps every ``|x / scale|`` within ``qmax``
             (float rounding moves it by ulps, far from the rounding boundary ``qmax + 0.5``).
+        offset: Learned rounding offsets in [-0.5, 0.5], broadcast against ``x``, added to
+            ``x / scale`` before the round (needs the clamp).
 
     Returns:
         The codes, in ``dtype``.
     """
-    codes = _codes(x, scale, zero_point, qmin, qmax, ste=False, work=work, clamp=clamp)
+    codes = _codes(x, scale, zero_point, qmin, qmax, ste=False, work=work, clamp=clamp, offset=offset)
     return codes.to(dtype) if out is None else out.copy_(codes)
 
 
@@ -287,11 +294,12 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.to(scale.dtype) - zero_point) * scale
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                  offset: Tensor | None = None) -> Tensor:
     """Quantize-dequantize with a straight-through round.
 
     Bit-identical to ``dequantize(quantize(x, ...), ...)``; gradients flow to ``x``
-    inside the clamp range and to ``scale`` everywhere.
+    and ``offset`` inside the clamp range and to ``scale`` everywhere.
 
     Args:
         x: Values; ``scale`` and ``zero_point`` broadcast against it.
@@ -299,11 +307,12 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
         zero_point: Zero-point (float tensor holding integers).
         qmin: Smallest code.
         qmax: Largest code.
+        offset: Learned rounding offsets added to ``x / scale`` before the round (see :func:`quantize`).
 
     Returns:
         The fake-quantized values, in the dtype of ``scale``.
     """
-    return dequantize(_codes(x, scale, zero_point, qmin, qmax, ste=True), scale, zero_point)
+    return dequantize(_codes(x, scale, zero_point, qmin, qmax, ste=True, offset=offset), scale, zero_point)
 
 
 def fake_quantize_fp8(x: Tensor, scale: Tensor, reciprocal: bool = False) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from cores.quantization.quantizers import ActQuantizer, Quantizer, QuantState, WeightQuantizer
 from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, matches
+from cores.quantization.smoothing import Smoother
 
 
 class QuantLinear(nn.Module):
@@ -27,6 +28,12 @@ class QuantLinear(nn.Module):
     - ``FROZEN``: the weight is quantized once to integer codes and a scale (what
       deploy writes) and dequantized in each forward, bit-identical to
       ``FAKE_QUANT``; no parameter receives gradients (the input still does).
+
+    Smoothing (:mod:`~cores.quantization.smoothing`): ``out_smooth``, a registered
+    :class:`Smoother`, divides this layer's output rows (and bias); ``in_smooth``, a
+    reference to the smoother of the layer that feeds it (not registered here),
+    multiplies its input columns. Outside ``FLOAT`` every forward and the export use
+    :meth:`effective_weight`.
 
     Args:
         linear: The layer to wrap.
@@ -57,9 +64,40 @@ class QuantLinear(nn.Module):
         self.state = QuantState.FLOAT
         self.register_buffer("_frozen_codes", None, persistent=False)
         self.register_buffer("_frozen_scale", None, persistent=False)
+        self.out_smooth: Smoother | None = None
+        object.__setattr__(self, "in_smooth", None)  # owned by the producer: a reference, not a submodule
+
+    @property
+    def smoothed(self) -> bool:
+        return self.in_smooth is not None or self.out_smooth is not None
+
+    def effective_weight(self) -> Tensor:
+        """The fp32 weight the quantizer sees: columns times the input smoothing, rows over the output one."""
+        weight = self.weight.float()
+        if self.in_smooth is not None:
+            weight = weight * self.in_smooth.consumer_scale()
+        if self.out_smooth is not None:
+            weight = weight / self.out_smooth.scale()[:, None]
+        return weight
+
+    def effective_bias(self) -> Tensor | None:
+        """The fp32 bias of the forward: over the output smoothing, rounded as deploy stores it."""
+        if self.bias is None:
+            return None
+        if self.out_smooth is None:
+            return self.bias.float()
+        return self.out_smooth.divide(self.bias)
+
+    def export_bias(self) -> Tensor | None:
+        """The bias deploy writes when the output is smoothed (in the smoother's dtype); None: unchanged."""
+        if self.bias is None or self.out_smooth is None:
+            return None
+        with torch.no_grad():
+            return self.effective_bias().to(self.out_smooth.dtype)
 
     @classmethod
-    def from_scheme(cls, linear: nn.Linear, scheme: QuantScheme, lwc: bool = True, lac: bool = True) -> QuantLinear:
+    def from_scheme(cls, linear: nn.Linear, scheme: QuantScheme, lwc: bool = True, lac: bool = True,
+                    rounding: bool = False) -> QuantLinear:
         """Wrap ``linear`` with the quantizers ``scheme`` asks for.
 
         Args:
@@ -67,6 +105,7 @@ class QuantLinear(nn.Module):
             scheme: Weight and activation settings.
             lwc: Learn weight clipping.
             lac: Learn activation clipping (static activations only).
+            rounding: Learn a rounding offset per weight.
 
         Returns:
             The wrapper, in ``FLOAT`` state.
@@ -74,7 +113,7 @@ class QuantLinear(nn.Module):
         device = linear.weight.device
         weight_quantizer = WeightQuantizer(
             linear.weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=lwc, device=device,
-            fp8_scales=scheme.act_format == "fp8",
+            fp8_scales=scheme.act_format == "fp8", learn_rounding=rounding,
         )
         static = scheme.act_mode == "static"
         input_quantizer = ActQuantizer(scheme.a_bits, scheme.act_mode, lac=lac and static, device=device,
@@ -97,9 +136,16 @@ class QuantLinear(nn.Module):
             quantizer.set_state(state)
         self.state = state
         if state is QuantState.FROZEN:
-            self._frozen_codes, self._frozen_scale = self.weight_quantizer.quantize_weight(self.weight)
+            self._frozen_codes, self._frozen_scale = self.weight_quantizer.quantize_weight(self.export_weight())
         else:
             self._frozen_codes = self._frozen_scale = None
+
+    def export_weight(self) -> Tensor:
+        """The weight to quantize for the frozen forward and deploy (smoothed, without gradients)."""
+        if not self.smoothed:
+            return self.weight
+        with torch.no_grad():
+            return self.effective_weight()
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         """The clipping parameters of the quantizers (never ``weight``/``bias``)."""
@@ -112,25 +158,30 @@ class QuantLinear(nn.Module):
         ``weight_scale`` + ``weight_shape`` (4-bit), plus ``input_scale`` for a
         static input quantizer. ``bias`` is not included: it ships unchanged.
         """
-        qparams = self.weight_quantizer.get_qparams(self.weight)
+        qparams = self.weight_quantizer.get_qparams(self.export_weight())
         if self.input_quantizer is not None:
             qparams.update(self.input_quantizer.get_qparams())
         return qparams
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.state is QuantState.CALIBRATE and self.in_smooth is not None:
+            self.in_smooth.observe(x * self.in_smooth.consumer_scale().to(x.dtype))  # the unsmoothed input
         if self.state in (QuantState.FLOAT, QuantState.CALIBRATE):
             if self.input_quantizer is not None:
                 x = self.input_quantizer(x)
-            return F.linear(x, self.weight, self.bias)
+            if self.state is QuantState.FLOAT or not self.smoothed:
+                return F.linear(x, self.weight, self.bias)
+            bias = self.effective_bias()
+            return F.linear(x.float(), self.effective_weight(), bias).to(x.dtype)
         x32 = x.float()
         if self.input_quantizer is not None:
             x32 = self.input_quantizer(x32)
-        bias = None if self.bias is None else self.bias.float()
+        bias = self.effective_bias()
         if self.state is QuantState.FROZEN:
             weight = self.weight_quantizer.dequantize_weight(self._frozen_codes, self._frozen_scale)
             bias = None if bias is None else bias.detach()
         else:
-            weight = self.weight_quantizer(self.weight.float())
+            weight = self.weight_quantizer(self.effective_weight())
         return F.linear(x32, weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -147,6 +198,7 @@ def quantize_linears(
     *,
     lwc: bool = True,
     lac: bool = True,
+    rounding: bool = False,
     scope: str = "",
 ) -> dict[str, QuantLinear]:
     """Replace, in place, every ``nn.Linear`` below ``module`` not matched by ``ignore``.
@@ -158,6 +210,7 @@ def quantize_linears(
             see :func:`~cores.quantization.schemes.matches`).
         lwc: Learn weight clipping.
         lac: Learn activation clipping for static activations.
+        rounding: Learn a rounding offset per weight.
         scope: Only layers whose relative name starts with this prefix (e.g.
             ``"self_attn."``); names are still matched against ``ignore`` in full.
 
@@ -176,7 +229,7 @@ def quantize_linears(
     replaced: dict[str, QuantLinear] = {}
     for name, linear in targets:
         try:
-            qlinear = QuantLinear.from_scheme(linear, scheme, lwc=lwc, lac=lac)
+            qlinear = QuantLinear.from_scheme(linear, scheme, lwc=lwc, lac=lac, rounding=rounding)
         except ValueError as err:
             raise ValueError(f"cannot quantize {name!r} with {scheme.name}: {err}") from err
         parent_name, _, leaf = name.rpartition(".")
@@ -194,5 +247,5 @@ def set_quant_state(module: nn.Module, state: QuantState) -> None:
         state: The new state.
     """
     for child in module.modules():
-        if isinstance(child, (QuantLinear, Quantizer)):
+        if isinstance(child, (QuantLinear, Quantizer, Smoother)):
             child.set_state(state)

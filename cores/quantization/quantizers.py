@@ -68,6 +68,13 @@ sigmoid is steepest: slope 0.5 instead of 0.018 at OmniQuant's 4.0. On SmolLM2 b
 (w8a8c16, static, 4 epochs) this takes the block MSE from 0.40 (RTN) to 0.23,
 where a logit of 4.0 reached only 0.39."""
 
+ROUND_OFFSET_DTYPE = torch.bfloat16
+"""Dtype of learned rounding offsets outside training: the frozen forward, the param file and deploy
+all use these values (offsets in [-0.5, 0.5] keep 8 significant bits, 2**-9 near 0.5)."""
+
+CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
+"""Clip factors of the static-range search (:meth:`ActQuantizer.start_clip_search`)."""
+
 ActMode = Literal["static", "dynamic"]
 ActFormat = Literal["int8", "fp8"]
 KVFormat = Literal["int8", "fp8"]
@@ -169,6 +176,13 @@ class WeightQuantizer(Quantizer):
     plain round-to-nearest absmax quantization (RTN), which is also what
     ``lwc=False`` computes.
 
+    With ``learn_rounding=True`` (SignRound-style) every weight has an offset
+    ``round_offset`` in [-0.5, 0.5], zero at init, added to ``w / scale`` before the
+    round; it learns jointly with the clips (straight-through gradient). Outside
+    ``FAKE_QUANT`` the offsets are used as :data:`ROUND_OFFSET_DTYPE` values, the
+    ones the param dir stores, so the frozen forward, the export and the deployed
+    codes agree bit for bit.
+
     Args:
         shape: Weight shape ``[..., out, in]``.
         bits: Code width (2..8).
@@ -178,6 +192,7 @@ class WeightQuantizer(Quantizer):
         fp8_scales: Put the group scales of each output row on the grid vLLM's W4A8-FP8
             kernels hold them in (:func:`~cores.quantization.primitives.fp8_row_scales`), and
             round the codes with those scales.
+        learn_rounding: Learn a rounding offset per weight.
 
     Raises:
         ValueError: When the group size does not divide the input dim.
@@ -191,6 +206,7 @@ class WeightQuantizer(Quantizer):
         lwc: bool = False,
         device: torch.device | str | None = None,
         fp8_scales: bool = False,
+        learn_rounding: bool = False,
     ) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
@@ -204,6 +220,18 @@ class WeightQuantizer(Quantizer):
         for name in ("upbound_factor", "lowbound_factor"):
             param = nn.Parameter(torch.full((n_rows, 1), LWC_INIT_LOGIT, device=device)) if lwc else None
             self.register_parameter(name, param)
+        self.learn_rounding = learn_rounding
+        offset = nn.Parameter(torch.zeros(self.shape, device=device)) if learn_rounding else None
+        self.register_parameter("round_offset", offset)
+
+    def _offsets(self) -> Tensor | None:
+        """Rounding offsets in [-0.5, 0.5] (fp32, weight-shaped); stored-dtype values unless training."""
+        if not self.learn_rounding:
+            return None
+        offset = self.round_offset
+        if self.state is not QuantState.FAKE_QUANT:
+            offset = offset.detach().to(ROUND_OFFSET_DTYPE)
+        return offset.float().clamp(-0.5, 0.5)
 
     def _clip_factors(self) -> tuple[Tensor, Tensor] | None:
         """LWC factors ``(upper, lower)`` of every scale row, computed on the whole parameters."""
@@ -239,7 +267,9 @@ class WeightQuantizer(Quantizer):
     def fake_quant(self, x: Tensor) -> Tensor:
         groups = self._groups(x)
         scale, zero_point = self._scale_zp(groups, self._clip_factors())
-        out = fake_quantize(groups, scale, zero_point, self.qmin, self.qmax)
+        offsets = self._offsets()
+        offsets = None if offsets is None else to_groups(offsets, self.granularity)
+        out = fake_quantize(groups, scale, zero_point, self.qmin, self.qmax, offset=offsets)
         return from_groups(out, x.shape).to(x.dtype)
 
     @torch.no_grad()
@@ -270,6 +300,8 @@ class WeightQuantizer(Quantizer):
         x32, work = (workspace.get(name, size, device=weight.device) for name in ("weight", "quotient"))
         codes = workspace.get("codes", size, torch.int8, weight.device)
         factors = self._clip_factors()
+        offsets = self._offsets()
+        offsets = None if offsets is None else offsets.reshape(-1, self.shape[-1])
         for start in range(0, rows.shape[0], step):
             n = min(step, rows.shape[0] - start)
             x = x32[:n]
@@ -280,8 +312,10 @@ class WeightQuantizer(Quantizer):
             scale, _ = self._scale_zp(groups, None if factors is None else
                                       (factors[0][scale_rows], factors[1][scale_rows]))
             # symmetric; unclipped absmax scales keep every |x / scale| within qmax: no clamp needed
+            offset = None if offsets is None else offsets[start:start + n].reshape(-1, block)
             quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),
-                     work=work[:n].view(-1, block), clamp=factors is not None or self.fp8_scales)
+                     work=work[:n].view(-1, block), clamp=factors is not None or self.fp8_scales or offset is not None,
+                     offset=offset)
             yield WeightChunk(slice(start, start + n), x, codes[:n], work[:n], scale_rows, scale)
 
     @torch.no_grad()
@@ -386,7 +420,7 @@ class WeightQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return (
             f"shape={self.shape}, bits={self.bits}, granularity={self.granularity}, lwc={self.lwc}, "
-            f"fp8_scales={self.fp8_scales}, "
+            f"fp8_scales={self.fp8_scales}, learn_rounding={self.learn_rounding}, "
             f"{super().extra_repr()}"
         )
 
@@ -440,6 +474,7 @@ class ActQuantizer(Quantizer):
         self.register_buffer("absmax", torch.zeros(1, device=device) if static else None)
         clip = nn.Parameter(torch.full((1,), LAC_INIT_LOGIT, device=device)) if lac else None
         self.register_parameter("clip_factor", clip)
+        self.register_buffer("clip_err", None, persistent=False)
 
     def set_state(self, state: QuantState) -> None:
         """Move to ``state``; a static quantizer must be calibrated before it quantizes.
@@ -460,9 +495,36 @@ class ActQuantizer(Quantizer):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Fold ``max |x|`` into the running absmax (static mode only)."""
-        if self.mode == "static" and x.numel() > 0:
+        """Fold ``max |x|`` into the running absmax (static mode only); while searching, score the clips."""
+        if self.mode != "static" or x.numel() == 0:
+            return
+        if self.clip_err is None:
             self.absmax.copy_(torch.maximum(self.absmax, x.detach().abs().amax().float()))
+            return
+        x32 = x.detach().float()
+        for i, factor in enumerate(CLIP_GRID):
+            self.clip_err[i] += (self._fake_quant_at(x32, self.absmax.float() * factor) - x32).pow(2).sum()
+
+    def start_clip_search(self) -> None:
+        """Score every clip of :data:`CLIP_GRID` (times the observed absmax) on the next calibration pass."""
+        self.clip_err = torch.zeros(len(CLIP_GRID), dtype=torch.float64, device=self.absmax.device)
+
+    @torch.no_grad()
+    def finish_clip_search(self) -> float:
+        """Take the clip with the least quantization MSE (into the learnable logit, else the range); returns it."""
+        factor = CLIP_GRID[int(self.clip_err.argmin())]
+        self.clip_err = None
+        if self.lac:  # sigmoid_clip(logit) = sigmoid(logit) / sigmoid(LAC_INIT_LOGIT)
+            half = factor * float(torch.sigmoid(torch.tensor(LAC_INIT_LOGIT)))
+            self.clip_factor.fill_(math.log(half / (1 - half)))
+        else:
+            self.absmax.mul_(factor)
+        return factor
+
+    def _fake_quant_at(self, x32: Tensor, absmax: Tensor) -> Tensor:
+        """``x32`` fake-quantized with a static range ``absmax`` (the search's candidate)."""
+        scale = compute_scale_zp(-absmax, absmax, self.bits)[0]
+        return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax)
 
     def clipped_absmax(self) -> Tensor:
         """Calibrated absmax times the learned clip, fp32 ``[1]`` (static mode)."""
@@ -533,6 +595,11 @@ class KVQuantizer(ActQuantizer):
         if self.fmt == "int8":
             return super().fake_quant(x)
         return fake_quantize_fp8(x.float(), self.scale()).to(x.dtype)
+
+    def _fake_quant_at(self, x32: Tensor, absmax: Tensor) -> Tensor:
+        if self.fmt == "int8":
+            return super()._fake_quant_at(x32, absmax)
+        return fake_quantize_fp8(x32, (absmax / FP8_E4M3_MAX).clamp(min=SCALE_EPS))
 
     def get_qparams(self) -> dict[str, Tensor]:
         """``{"scale": fp32 [1]}``; deploy names it ``k_scale`` / ``v_scale``."""

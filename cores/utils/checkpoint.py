@@ -390,6 +390,13 @@ _NON_ARCH_KEYS = {"quantization_config", "torch_dtype", "dtype", "transformers_v
                   "architectures", "use_cache", "compression_config"}
 
 
+def norm_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype the checkpoint stores its norm weights in (fp32 when they differ): smoothing rounds the norm
+    weights it rewrites to it."""
+    dtypes = {reader.spec(key)[0] for key in reader.keys if key.endswith("norm.weight")}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def model_fingerprint(reader: CheckpointReader) -> str:
     """A short hash that identifies a model independently of its storage precision.
 

@@ -29,16 +29,17 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def params_factory(tmp_path_factory):
-    """``(model_dir, scheme_name, act, kv_format, act_format) -> ParamDir``, cached; W4 uses groups of ``GROUP``."""
+    """``(model_dir, scheme_name, act, kv_format, act_format, parts) -> ParamDir``, cached; W4 uses groups of
+    ``GROUP``; ``parts`` names the learned parts besides the clips (``rounding``, ``smooth``)."""
     cache: dict[tuple, ParamDir] = {}
 
     def make(model_dir: Path, name: str, act: str = "static", kv_format: str = "fp8",
-             act_format: str = "int8") -> ParamDir:
-        key = (str(model_dir), name, act, kv_format, act_format)
+             act_format: str = "int8", parts: str = "") -> ParamDir:
+        key = (str(model_dir), name, act, kv_format, act_format, parts)
         if key not in cache:
-            out = tmp_path_factory.mktemp("params") / f"{name}-{act}-{kv_format}-{act_format}"
+            out = tmp_path_factory.mktemp("params") / f"{name}-{act}-{kv_format}-{act_format}-{parts}"
             scheme = get_scheme(name, act, kv_format, GROUP if name.startswith("w4") else None, act_format)
-            cache[key] = make_params(model_dir, out, scheme)
+            cache[key] = make_params(model_dir, out, scheme, rounding="rounding" in parts, smooth="smooth" in parts)
         return cache[key]
 
     return make
@@ -51,15 +52,16 @@ def ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def deployed(tiny_llama, params_factory, tmp_path_factory):
-    """``(scheme_name, act, kv_format, act_format) -> (param dir, deployed folder)`` of ``tiny_llama``, cached."""
+    """``(scheme_name, act, kv_format, act_format, parts) -> (param dir, deployed folder)`` of ``tiny_llama``,
+    cached."""
     cache: dict[tuple, tuple[ParamDir, Path]] = {}
 
-    def make(name: str, act: str = "static", kv_format: str = "fp8", act_format: str = "int8"
+    def make(name: str, act: str = "static", kv_format: str = "fp8", act_format: str = "int8", parts: str = ""
              ) -> tuple[ParamDir, Path]:
-        key = (name, act, kv_format, act_format)
+        key = (name, act, kv_format, act_format, parts)
         if key not in cache:
-            params = params_factory(tiny_llama, name, act, kv_format, act_format)
-            out = tmp_path_factory.mktemp("deployed") / f"{name}-{act}-{kv_format}-{act_format}"
+            params = params_factory(tiny_llama, name, act, kv_format, act_format, parts)
+            out = tmp_path_factory.mktemp("deployed") / f"{name}-{act}-{kv_format}-{act_format}-{parts}"
             deploy(DeployConfig(str(tiny_llama), str(out), name, param_dir=str(params.path), max_shard_size="60KB"))
             cache[key] = params, out
         return cache[key]

@@ -22,17 +22,21 @@ TEXT = " ".join(f"The {a} {b} of the {c} was {d}." for a in ("old", "young", "qu
                 for b in ("king", "river", "city", "song") for c in ("north", "sea", "hill") for d in ("seen", "kept"))
 
 
-def make_params(model_dir: Path, out: Path, scheme: QuantScheme, seed: int = 0) -> ParamDir:
-    """A param dir as ``main.py`` writes it: calibrated on random inputs, clipping logits moved off their init."""
+def make_params(model_dir: Path, out: Path, scheme: QuantScheme, seed: int = 0, rounding: bool = False,
+                smooth: bool = False) -> ParamDir:
+    """A param dir as ``main.py`` writes it: calibrated on random inputs, clipping logits (and rounding offsets,
+    log smoothing scales) moved off their init."""
     model = StreamingModel(model_dir, dtype=torch.float32)
     params = ParamDir(out)
     params.bind({"model_fingerprint": model_fingerprint(model.reader), "model_type": model.config.model_type,
                  "num_blocks": model.num_blocks, "dump": {}, "scheme": asdict(scheme), "lwc": True, "lac": True,
-                 "ignore": list(DEFAULT_IGNORE), "train_mode": "block", "rtn": False, "sequential": False})
+                 "ignore": list(DEFAULT_IGNORE), "train_mode": "block", "rtn": False, "sequential": False,
+                 "rounding": rounding, "smooth": smooth})
     gen = torch.Generator().manual_seed(seed)
     cos, sin = model.rotary(SEQ)
     for idx in range(model.num_blocks):
-        block = quantize_block(model.load_block(idx), scheme, DEFAULT_IGNORE, True, True)
+        block = quantize_block(model.load_block(idx), scheme, DEFAULT_IGNORE, True, True, rounding=rounding,
+                               smooth=smooth)
         set_quant_state(block, QuantState.CALIBRATE)
         with torch.no_grad():
             for _ in range(2):

@@ -22,7 +22,11 @@ from cores.utils.checkpoint import INDEX_NAME, CheckpointReader, model_fingerpri
 CASES = [("w8a8c16", "static", "fp8"), ("w8a8c16", "dynamic", "fp8"), ("w8a8c8", "static", "fp8"),
          ("w8a8c8", "static", "int8"), ("w8a8c8", "dynamic", "fp8"), ("w4a8c16", "static", "fp8"),
          ("w4a8c16", "dynamic", "fp8"), ("w4a8c8", "static", "fp8"), ("w4a8c8", "dynamic", "int8"),
-         ("w4a8c16", "dynamic", "fp8", "fp8"), ("w4a8c8", "dynamic", "fp8", "fp8")]
+         ("w4a8c16", "dynamic", "fp8", "fp8"), ("w4a8c8", "dynamic", "fp8", "fp8"),
+         # learned rounding offsets and smoothing scales (norm weights rewritten, folded into the linears)
+         ("w8a8c8", "dynamic", "fp8", "int8", "rounding"), ("w8a8c8", "dynamic", "fp8", "int8", "smooth"),
+         ("w8a8c8", "static", "int8", "int8", "rounding+smooth"), ("w4a8c8", "dynamic", "fp8", "int8", "rounding+smooth"),
+         ("w4a8c16", "dynamic", "fp8", "fp8", "rounding+smooth")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
@@ -67,6 +71,19 @@ def test_layout(deployed, tiny_llama):
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())  # readable by a serving user
 
 
+def test_smoothing_rewrites_the_norm_weights_as_trained(deployed, tiny_llama):
+    params, out = deployed("w8a8c8", "dynamic", "fp8", "int8", "smooth")
+    src, dst = CheckpointReader(tiny_llama), CheckpointReader(out)
+    state = params.load_block(1)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        key = f"model.layers.1.{norm}.weight"
+        scale = state[f"{norm}.smooth.log_scale"].float().exp()
+        expected = (src.read([key])[key].float() / scale).to(torch.bfloat16)
+        assert torch.equal(dst.read([key])[key], expected) and not torch.equal(expected, src.read([key])[key])
+    kept = [k for k in src.keys if "norm" in k and "layernorm" not in k or "embed" in k]
+    assert all(torch.equal(src.read([k])[k], dst.read([k])[k]) for k in kept)
+
+
 def test_rtn_deploy_equals_rtn_fake_quant(tiny_llama, ids, tmp_path):
     scheme = get_scheme("w4a8c16", "dynamic", group_size=GROUP)
     deploy(DeployConfig(str(tiny_llama), str(tmp_path / "rtn"), "w4a8c16", group_size=GROUP))
@@ -105,10 +122,12 @@ def test_output_does_not_depend_on_where_shards_are_written(tiny_llama, tmp_path
             assert one == two, name
 
 
-@pytest.mark.parametrize("name,act,kv", [("w8a8c8", "static", "fp8"), ("w4a8c8", "static", "int8")])
-def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, name, act, kv):
-    """transformers + compressed-tensors run static input quant, weight dequant and KV fake quant as we do."""
-    params, out = deployed(name, act, kv)
+@pytest.mark.parametrize("name,act,kv,parts", [("w8a8c8", "static", "fp8", ""), ("w4a8c8", "static", "int8", ""),
+                                               ("w8a8c8", "static", "int8", "rounding+smooth")])
+def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, name, act, kv, parts):
+    """transformers + compressed-tensors run static input quant, weight dequant and KV fake quant as we do
+    (learned rounding and smoothing included: folded into plain tensors)."""
+    params, out = deployed(name, act, kv, "int8", parts)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model(ids).logits

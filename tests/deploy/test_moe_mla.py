@@ -86,7 +86,7 @@ def params(sources, tmp_path_factory):
             if not dump.exists():
                 extract_calibration(ExtractConfig(model=str(sources[family]), output_dir=str(dump), dataset=str(text),
                                                   n_samples=4, seq_len=SEQ, batch_size=2))
-            cfg = TrainConfig(model=str(sources[family]), data_dir=str(dump), rtn=True, scheme=scheme,
+            cfg = TrainConfig(model=str(sources[family]), data_dir=str(dump), rtn=True, scheme=scheme, act="static",
                               output_dir=str(root / f"{family}_{scheme}"),
                               group_size=GROUP if scheme.startswith("w4") else None)
             cache[family, scheme] = run_training(cfg)
