@@ -119,15 +119,15 @@ class ParamDir:
         """
         mode, shared, own = split_identity(identity)
         again = "Use another --output_dir, or delete that folder to start over."
+        others = self.mode_identities()
+        clash = [m for m in others if (m == "block") != (mode == "block")]
+        if clash:  # first: the modes' defaults differ too (smoothing is block-only), this says why
+            raise ParamDirError(f"{self.path} holds train_mode {clash[0]} params; train_mode {mode} cannot be mixed "
+                                f"with them (block trains the attention and the MLP jointly). {again}")
         if (self.path / RUN_FILE).is_file():
             diff = _differences(self.shared_identity(), shared)
             if diff:
                 raise ParamDirError(f"{self.path} holds params of another run ({'; '.join(diff)}). {again}")
-        others = self.mode_identities()
-        clash = [m for m in others if (m == "block") != (mode == "block")]
-        if clash:
-            raise ParamDirError(f"{self.path} holds train_mode {clash[0]} params; train_mode {mode} cannot be mixed "
-                                f"with them (block trains the attention and the MLP jointly). {again}")
         if mode in others:
             diff = _differences(others[mode], own)
             if diff:
@@ -229,10 +229,6 @@ class ParamSet:
         self.shared = self.dirs[0].shared_identity()
         self.modes: dict[str, tuple[ParamDir, dict]] = {}
         for d in self.dirs:
-            diff = _differences(self.shared, d.shared_identity())
-            if diff:
-                raise ParamDirError(f"{d.path} and {self.dirs[0].path} are params of different runs "
-                                    f"({'; '.join(diff)}); they cannot be combined")
             for mode, own in d.mode_identities().items():
                 if mode in self.modes:
                     raise ParamDirError(f"{self.modes[mode][0].path} and {d.path} both hold {mode} params; "
@@ -240,6 +236,11 @@ class ParamSet:
                 self.modes[mode] = (d, own)
         if "block" in self.modes and set(self.modes) & set(SUB_BLOCK_MODES):
             raise ParamDirError(f"{', '.join(str(d.path) for d in self.dirs)} mix block params with mla/moe params")
+        for d in self.dirs:
+            diff = _differences(self.shared, d.shared_identity())
+            if diff:
+                raise ParamDirError(f"{d.path} and {self.dirs[0].path} are params of different runs "
+                                    f"({'; '.join(diff)}); they cannot be combined")
         if not self.modes:
             raise ParamDirError(f"{self.dirs[0].path} has no run_<mode>.json: no run of main.py has bound it")
 
