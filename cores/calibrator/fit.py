@@ -173,12 +173,13 @@ def mean_loss(batch_loss: BatchLoss, n: int, batch: int) -> float:
 
 def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
         label: str) -> tuple[dict[str, Tensor], dict]:
-    """Calibrate, then learn the clipping of ``module``'s quantizers; keep the best.
+    """Calibrate, search the start (:func:`search_init`), then learn clips, rounding and smoothing; keep the best.
 
     After every epoch the module is frozen (the deployed forward: weights quantized
     once, no straight-through) and its loss over all ``n`` rows is measured. The
-    state with the lowest such loss wins, round-to-nearest (epoch 0) included, so a
-    module never ships worse than RTN on its calibration data.
+    state with the lowest such loss wins, the start (epoch 0: RTN, or the searched
+    smoothing and clips where they beat it) included, so a module never ships worse
+    than RTN on its calibration data.
 
     Args:
         module: the quantized module (in any state); ``batch_loss`` runs it.
