@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.baselines.llmcompressor_gptq import window_nll  # noqa: E402
+from bench.baselines.llmcompressor_gptq import add_common_args, load_inputs, window_nll  # noqa: E402
 from cores.utils.data import load_text, ppl_windows  # noqa: E402
 
 log = logging.getLogger("autoround_baseline")
@@ -65,28 +65,18 @@ def count_act_wrappers(model: torch.nn.Module) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=RECIPES, required=True)
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
-    p.add_argument("--tokens", required=True, help="tokens.safetensors of our calibration dump")
-    p.add_argument("--eval_text", required=True, help="evaluation text (file or folder)")
-    p.add_argument("--seq_len", type=int, required=True, help="eval window length")
-    p.add_argument("--max_windows", type=int, required=True, help="eval windows")
-    p.add_argument("--threads", type=int, default=2)
+    add_common_args(p)
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0: RTN)")
     p.add_argument("--group_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8, help="calibration windows per SignRound step")
-    p.add_argument("--output_json", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
     from auto_round import AutoRound
     from auto_round.schemes import QuantizationScheme
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    calib = load_file(args.tokens)["input_ids"]
+    tok, model, calib = load_inputs(args)
     scheme = build_scheme(args.recipe, args.group_size)
     log.info("%s: AutoRound %s, %d iters on %d x %d calibration tokens", args.recipe, scheme, args.iters,
              *calib.shape)

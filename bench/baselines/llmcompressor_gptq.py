@@ -114,9 +114,8 @@ def kv_check(model, window: torch.Tensor) -> dict:
     return {"attention_modules_with_kv_scales": len(attn), "nll_window0_kv_on": nll_on, "nll_window0_kv_off": nll_off}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", choices=RECIPES, required=True)
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The flags every baseline script takes: model, calibration tokens, eval windows, threads, output."""
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--tokens", required=True, help="tokens.safetensors of our calibration dump")
     p.add_argument("--eval_text", required=True, help="evaluation text (file or folder)")
@@ -124,18 +123,30 @@ def main() -> None:
     p.add_argument("--max_windows", type=int, required=True, help="eval windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output_json", required=True)
+
+
+def load_inputs(args: argparse.Namespace):
+    """``(tokenizer, fp32 model, calibration token windows)`` of a baseline run."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    return tok, model, load_file(args.tokens)["input_ids"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=RECIPES, required=True)
+    add_common_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
     from datasets import Dataset
     from llmcompressor import oneshot
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    calib = load_file(args.tokens)["input_ids"]
+    tok, model, calib = load_inputs(args)
     quant_s = 0.0
     if args.recipe != "bf16":
         data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
