@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Peak RSS of extract_calib_data.py and main.py at L vs 4L layers (same width), in one run.
+"""Peak RSS of extract_calib_data.py and main.py at L vs 4L layers (same width), in one run;
+with ``--baseline REV``, also main.py's block-mode peak RSS on one MoE block, this tree vs REV.
 
 Both stages hold one block at a time, so their peak memory should not grow with depth
 (goal ratio <= 1.3). The checkpoint size is printed beside it for scale.
 
+The MoE part trains the second block (routed experts) of a DeepSeek-V3-shaped bf16 model
+with ``--train_mode block`` and the default learning (clips, rounding offsets, smoothing),
+once with this tree's main.py and once with REV's, checked out in a temporary git worktree,
+on the same dump: the ratio is this tree's peak over REV's.
+
 Usage:
-    python bench/bench_train.py [--layers 6] [--n_samples 8] [--seq_len 256]
+    python bench/bench_train.py [--layers 6] [--n_samples 8] [--seq_len 256] [--baseline REV] [--skip_depth]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +34,17 @@ def main() -> None:
     p.add_argument("--n_samples", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--scheme", default="w8a8c8")
+    p.add_argument("--baseline", metavar="REV", help="also compare block-mode peak RSS on an MoE block with REV")
+    p.add_argument("--skip_depth", action="store_true", help="only the MoE comparison")
+    p.add_argument("--experts", type=int, default=32, help="routed experts of the MoE block (default 32)")
     args = p.parse_args()
+    if not args.skip_depth:
+        depth(args)
+    if args.baseline:
+        moe_block(args)
+
+
+def depth(args) -> None:
     text = train_text(400_000)
     print(f"== peak RSS vs depth: hidden 768, intermediate 3072, {args.n_samples} x {args.seq_len} tokens, "
           f"{args.scheme}, 1 epoch ==")
@@ -49,6 +66,37 @@ def main() -> None:
                   f"main.py {train:7.1f} MiB")
     (_, e1, t1), (_, e4, t4) = rows[args.layers], rows[4 * args.layers]
     print(f"ratio 4L/L: extract_calib_data.py {e4 / e1:.3f}   main.py {t4 / t1:.3f}   (goal <= 1.3)")
+
+
+def moe_block(args) -> None:
+    text = train_text(200_000)
+    print(f"== block-mode peak RSS on one MoE block: deepseek_v3, hidden 768, {args.experts} experts of width 768, "
+          f"{args.n_samples} x {args.seq_len} tokens, {args.scheme}, 1 epoch, this tree vs {args.baseline} ==")
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        corpus = work / "train.txt"
+        corpus.write_text(text)
+        model, size = tiny_bf16_model(
+            work / "moe", "deepseek_v3", text[:100_000], hidden_size=768, intermediate_size=1536,
+            moe_intermediate_size=768, n_routed_experts=args.experts, num_experts_per_tok=4, n_group=4, topk_group=2,
+            num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64,
+            qk_rope_head_dim=32, v_head_dim=64, num_hidden_layers=2)
+        dump = work / "calib"
+        extract_peak_rss(model, corpus, args.n_samples, args.seq_len, dump)
+        base = work / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            rss = {}
+            for name, tree in (("baseline", base), ("this tree", ROOT)):
+                rss[name] = peak_rss_mib([
+                    sys.executable, str(tree / "main.py"), "--model", str(model), "--data_dir", str(dump),
+                    "--output_dir", str(work / f"params_{tree.name}"), "--scheme", args.scheme, "--epochs", "1",
+                    "--start_block_idx", "1", "--end_block_idx", "2"], cwd=tree)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+    print(f"checkpoint {size:7.1f} MiB   main.py --train_mode block: {args.baseline} {rss['baseline']:7.1f} MiB   "
+          f"this tree {rss['this tree']:7.1f} MiB   ratio {rss['this tree'] / rss['baseline']:.3f} (goal <= 0.6)")
 
 
 if __name__ == "__main__":

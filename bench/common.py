@@ -27,9 +27,9 @@ print(usage.ru_maxrss)
 """
 
 
-def peak_rss_mib(cmd: list[str]) -> float:
-    """Peak resident set size (MiB) of ``cmd`` run in the repo root, from ``wait4`` in a probe process."""
-    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], cwd=ROOT, capture_output=True, text=True)
+def peak_rss_mib(cmd: list[str], cwd: Path = ROOT) -> float:
+    """Peak resident set size (MiB) of ``cmd`` run in ``cwd`` (the repo root), from ``wait4`` in a probe process."""
+    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], cwd=cwd, capture_output=True, text=True)
     if probe.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {probe.stderr[-2000:]}")
     return int(probe.stdout) / 1024

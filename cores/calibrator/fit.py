@@ -214,7 +214,7 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
               {"params": [p for p in params if id(p) in rounding], "lr": opts.round_lr or lwc_lr},
               {"params": [p for p in params if id(p) in smooth], "lr": opts.smooth_lr or opts.lr},
               {"params": [p for p in params if id(p) not in lwc | rounding | smooth], "lr": opts.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=opts.weight_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=opts.weight_decay, foreach=False)
     # the loss relative to the start: block losses are 1e-5..1e-2, and their gradients would sit below
     # AdamW's eps (1e-8), which then damps every step; relative to the start, gradients are O(1)
     loss_scale = 1.0 / max(record["loss_learned"], 1e-30)
@@ -229,7 +229,7 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
             loss, w = batch_loss(order[lo:lo + opts.batch].sort().values)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss is {float(loss)} in epoch {epoch}; lower --lr")
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
             (loss * loss_scale).backward()
             opt.step()
             sched.step()

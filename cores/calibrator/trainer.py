@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, serving_notes
+from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, promote_unquantized, serving_notes
 from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
 from ..utils.io import remove_stale_temps
@@ -247,9 +247,12 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
             source = store if cfg.sequential else dump.boundary(idx)
             xs = Batches(source, model.device, model.dtype, str(boundary_path(cfg.data_dir, idx)))
             if mode == "block":
-                block = quantize_block(model.load_block(idx), scheme, cfg.ignore, cfg.lwc, cfg.lac,
-                                       rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
+                # quantized weights stay in the checkpoint's bf16, all else in fp32: a block's weights take
+                # half the memory and every forward computes as with an fp32 copy
+                block = quantize_block(model.load_block(idx, stored_dtype=True), scheme, cfg.ignore, cfg.lwc,
+                                       cfg.lac, rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
                                        smooth_dtype=norm_dtype(model.reader))
+                promote_unquantized(block, model.dtype)
                 if params.is_done(idx):  # sequential rerun: reuse the finished block to move the inputs on
                     load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
                     freeze(block)

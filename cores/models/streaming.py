@@ -205,7 +205,7 @@ class StreamingModel:
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
 
-    def load_block(self, idx: int, skip: tuple[str, ...] = ()) -> nn.Module:
+    def load_block(self, idx: int, skip: tuple[str, ...] = (), stored_dtype: bool = False) -> nn.Module:
         """Build block ``idx`` on the meta device and fill it with its checkpoint tensors.
 
         A deployed (compressed-tensors) checkpoint gives the frozen quantized block
@@ -215,6 +215,10 @@ class StreamingModel:
             idx: block index.
             skip: relative name prefixes (e.g. ``"mlp.experts."``) left unread, on
                 the meta device: :meth:`load_submodule` reads them one at a time.
+            stored_dtype: keep every tensor in the dtype the checkpoint stores (bf16 for an FP8
+                source, whose weights dequantize to bf16) instead of the compute dtype; the
+                trainer then quantizes the block and promotes all but the quantized weights
+                (:func:`~cores.quantization.promote_unquantized`).
         """
         if self.deployed:
             from ..deploy.loader import load_deployed_block
@@ -222,7 +226,7 @@ class StreamingModel:
             return load_deployed_block(self, idx)
         with torch.device("meta"):
             block = self.family.build_block(self.config, idx)
-        self._fill(idx, block, "", skip)
+        self._fill(idx, block, "", skip, stored_dtype)
         return block.eval().requires_grad_(False)
 
     def load_submodule(self, idx: int, block: nn.Module, name: str) -> nn.Module:
@@ -231,7 +235,7 @@ class StreamingModel:
         self._fill(idx, module, f"{name}.", ())
         return module.eval().requires_grad_(False)
 
-    def _fill(self, idx: int, module: nn.Module, name: str, skip: tuple[str, ...]) -> None:
+    def _fill(self, idx: int, module: nn.Module, name: str, skip: tuple[str, ...], stored_dtype: bool = False) -> None:
         """Load ``module`` (block ``idx``'s sub-module at relative prefix ``name``) from the checkpoint."""
         prefix = self.family.block_prefix(idx) + name
         expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
@@ -250,10 +254,12 @@ class StreamingModel:
         for key, tensor in state.items():
             check_tensor(self.reader.model_dir, prefix + key, tensor, expected[key])
         keep = self.family.fp32_suffixes
-        module.load_state_dict(
-            {k: v.to(self.device, torch.float32 if keep and k.endswith(keep) else self.dtype) for k, v in state.items()},
-            assign=True, strict=not skip,
-        )
+
+        def dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
+            return torch.float32 if keep and key.endswith(keep) else tensor.dtype if stored_dtype else self.dtype
+
+        module.load_state_dict({k: v.to(self.device, dtype(k, v)) for k, v in state.items()}, assign=True,
+                               strict=not skip)
 
     def _read_one(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``key`` (outside the blocks), checked to be a float tensor of ``shape``."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cores.quantization.quantizers import ActQuantizer, Quantizer, QuantState, WeightQuantizer
 from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, matches
@@ -24,10 +25,14 @@ class QuantLinear(nn.Module):
     - ``FLOAT``: exactly ``nn.Linear``.
     - ``CALIBRATE``: float output; the input quantizer observes its input.
     - ``FAKE_QUANT``: fp32 math on fake-quantized input and weight; the clipping
-      parameters receive gradients.
+      parameters receive gradients. The weight's fake-quant chain is recomputed in
+      the backward instead of kept (:meth:`fake_quant_weight`).
     - ``FROZEN``: the weight is quantized once to integer codes and a scale (what
       deploy writes) and dequantized in each forward, bit-identical to
       ``FAKE_QUANT``; no parameter receives gradients (the input still does).
+
+    ``weight`` may be stored narrower than the compute (bf16 in training): every
+    forward reads it in fp32, which is exact, so the results are those of an fp32 copy.
 
     Smoothing (:mod:`~cores.quantization.smoothing`): ``out_smooth``, a registered
     :class:`Smoother`, divides this layer's output rows (and bias); ``in_smooth``, a
@@ -147,6 +152,19 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             return self.effective_weight()
 
+    def fake_quant_weight(self) -> Tensor:
+        """The fake-quantized effective weight of the ``FAKE_QUANT`` forward.
+
+        Under autograd the chain (smoothing, scales, round, clamp) is checkpointed: its
+        intermediates, several fp32 copies of the weight, are recomputed in the backward
+        instead of kept, which bounds a block's training memory to its weights, the fake-quant
+        weights the matmuls keep and the learned tensors with their optimizer state.
+        Values and gradients are those of the plain chain.
+        """
+        if not torch.is_grad_enabled():
+            return self.weight_quantizer(self.effective_weight())
+        return checkpoint(lambda: self.weight_quantizer(self.effective_weight()), use_reentrant=False)
+
     def learnable_parameters(self) -> list[nn.Parameter]:
         """The clipping parameters of the quantizers (never ``weight``/``bias``)."""
         return [p for q in self._quantizers() for p in q.learnable_parameters()]
@@ -170,7 +188,7 @@ class QuantLinear(nn.Module):
             if self.input_quantizer is not None:
                 x = self.input_quantizer(x)
             if self.state is QuantState.FLOAT or not self.smoothed:
-                return F.linear(x, self.weight, self.bias)
+                return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
             bias = self.effective_bias()
             return F.linear(x.float(), self.effective_weight(), bias).to(x.dtype)
         x32 = x.float()
@@ -181,7 +199,7 @@ class QuantLinear(nn.Module):
             weight = self.weight_quantizer.dequantize_weight(self._frozen_codes, self._frozen_scale)
             bias = None if bias is None else bias.detach()
         else:
-            weight = self.weight_quantizer(self.effective_weight())
+            weight = self.fake_quant_weight()
         return F.linear(x32, weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -236,6 +254,27 @@ def quantize_linears(
         setattr(module.get_submodule(parent_name), leaf, qlinear)
         replaced[name] = qlinear
     return replaced
+
+
+@torch.no_grad()
+def promote_unquantized(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every float parameter and buffer below ``module`` to ``dtype``, except the weights of its
+    :class:`QuantLinear` layers, which keep their (narrower) storage dtype; returns ``module``.
+
+    A block loaded in its stored bf16 and quantized this way computes exactly as one loaded
+    in ``dtype``: norms, biases, routers and ignored linears in ``dtype``, quantized weights
+    upcast exactly in every forward, at half the memory for the weights.
+    """
+    keep = {id(m.weight) for m in module.modules() if isinstance(m, QuantLinear)}
+    for child in module.modules():
+        for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+            if tensor is None or id(tensor) in keep or not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                setattr(child, name, nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad))
+            else:
+                child._buffers[name] = tensor.to(dtype)
+    return module
 
 
 @torch.no_grad()
