@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Write a serving checkpoint (compressed-tensors) from FP weights and learned params, or dequantize FP8 to BF16.
+"""Write a serving checkpoint (compressed-tensors, or FP8 128x128 blocks) from FP weights, or dequantize FP8 to BF16.
 
 Examples:
     python deploy.py --input_weight_path assets/smollm2-135m --param_dir outputs/params_w8a8c8 \
         --output_weight_path outputs/smollm2-w8a8c8 --quant_type w8a8c8
     python deploy.py --input_weight_path DeepSeek-V3 --output_weight_path DeepSeek-V3-bf16 --quant_type bfloat16
+    python deploy.py --input_weight_path assets/smollm2-135m --output_weight_path outputs/smollm2-fp8 \
+        --quant_type fp8 --fp8_mode mse --calib_dir outputs/calib
 
 Without --param_dir the weights are rounded to nearest and activations are
 dynamic per token; static activations and 8-bit KV caches need the calibrated
@@ -20,6 +22,7 @@ import sys
 
 from cores.deploy import DeployConfig, deploy, quant_types
 from cores.cli import at_least, check_output_folder, run_main
+from cores.quantization.fp8_block import FP8_MODES
 from cores.utils.logging import setup_logging
 
 log = logging.getLogger("deploy")
@@ -44,6 +47,15 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
     p.add_argument("--verify_samples", type=at_least(1),
                    help="verify N quantized tensors drawn at random (default: all)")
     p.add_argument("--max_shard_size", default="5GB", help="output shard size limit (default: 5GB)")
+    p.add_argument("--fp8_mode", choices=list(FP8_MODES),
+                   help="fp8: tile scales from the absmax (max, default), k x rms (rms), a percentile of |w| "
+                        "(percentile) or the least squared error over a grid of clips (mse)")
+    p.add_argument("--fp8_k", type=float, help="fp8 rms: the clip in tile rms units (default: 6)")
+    p.add_argument("--fp8_percentile", type=float, help="fp8 percentile: the clip's percentile of |w| (default: 99.99)")
+    p.add_argument("--fp8_grid", type=at_least(1), help="fp8 mse: clip factors tried (default: 20, 0.5 to 1)")
+    p.add_argument("--calib_dir",
+                   help="fp8: calibration dump (extract_calib_data.py); weights each tile's error by the "
+                        "activation mean square of its input channels (rms, percentile, mse)")
     a = p.parse_args(argv)
     check_output_folder("--output_weight_path", a.output_weight_path)
     return DeployConfig(**vars(a))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,24 +20,31 @@ from torch import nn
 
 from ..calibrator.params import open_params, smooth_dtype
 from ..calibrator.quant_block import quantize_block
+from ..models.registry import UnsupportedModelError, get_family
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
+from ..quantization.fp8_block import Fp8BlockConfig
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json
 from .export import export_units, plan_export
 from .format import quantization_config
 from .fp8 import bf16_config, export_bf16, fp8_weights
-from .verify import BANDS, log_table, sample, summary
+from .fp8_block import export_fp8, fp8_config, plan_fp8
+from .fp8_stats import ActStats, check_dump, collect_act_stats, dump_identity
+from .verify import BANDS, FP8_BANDS, fp8_recommendations, log_table, sample, summary
 from .writer import REPORT_NAME, DeployError, StagedOutput, parse_size
 
 log = logging.getLogger(__name__)
 
 BF16 = "bfloat16"
+FP8 = "fp8"
+_FP8_OPTIONS = ("fp8_mode", "fp8_k", "fp8_percentile", "fp8_grid", "calib_dir")
 
 
 def quant_types() -> list[str]:
-    """Every ``--quant_type``: ``bfloat16`` and the registered schemes."""
-    return [BF16, *scheme_names()]
+    """Every ``--quant_type``: ``bfloat16``, the registered schemes and ``fp8`` (last, so that the schemes' list
+    reads as before)."""
+    return [BF16, *scheme_names(), FP8]
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ class DeployConfig:
         verify_samples: Verify this many quantized tensors, drawn at random (None: all).
         max_shard_size: Output shard limit, e.g. ``5GB``.
         seed: Sampling seed of the verification.
+        fp8_mode: ``fp8``: how tile scales are chosen (``max`` default, ``rms``, ``percentile``, ``mse``).
+        fp8_k: ``fp8`` ``rms``: the clip in tile rms units.
+        fp8_percentile: ``fp8`` ``percentile``: the clip as a percentile of ``|w|``.
+        fp8_grid: ``fp8`` ``mse``: clip factors tried.
+        calib_dir: ``fp8``: a calibration dump (``extract_calib_data.py``) whose activation statistics weight
+            the scales' error per input channel (activation-aware; not with ``max``).
     """
 
     input_weight_path: str
@@ -75,10 +89,29 @@ class DeployConfig:
     verify_samples: int | None = None
     max_shard_size: str = "5GB"
     seed: int = 0
+    fp8_mode: str | None = None
+    fp8_k: float | None = None
+    fp8_percentile: float | None = None
+    fp8_grid: int | None = None
+    calib_dir: str | None = None
 
     def __post_init__(self):
         if self.quant_type not in quant_types():
             raise DeployError(f"unknown quant_type {self.quant_type!r}; valid: {', '.join(quant_types())}")
+        fp8_given = [k for k in _FP8_OPTIONS if getattr(self, k) is not None]
+        if self.quant_type != FP8 and fp8_given:
+            raise DeployError(f"{', '.join('--' + k for k in fp8_given)} only apply to --quant_type fp8, "
+                              f"not {self.quant_type}")
+        if self.quant_type == FP8:
+            given = [k for k in ("param_dir", "mla_param_path", "moe_param_path", "act", "kv_format", "act_format",
+                                 "group_size") if getattr(self, k) is not None]
+            if given:
+                raise DeployError(f"fp8 quantizes weights to e4m3 tiles (dynamic activations) and takes no "
+                                  f"{', '.join(given)}; activation statistics come from --calib_dir")
+            cfg = self.fp8_block_config()
+            if self.calib_dir is not None and cfg.mode == "max":
+                raise DeployError("--fp8_mode max has no clip to choose and takes no --calib_dir: use rms, "
+                                  "percentile or mse with activation statistics")
         if self.quant_type == BF16:
             given = [k for k in ("param_dir", "mla_param_path", "moe_param_path", "act", "kv_format", "act_format",
                                  "group_size")
@@ -90,6 +123,18 @@ class DeployConfig:
         if Path(self.input_weight_path).resolve() == Path(self.output_weight_path).resolve():
             raise DeployError("the output folder must differ from the input folder")
         parse_size(self.max_shard_size)
+
+    def fp8_block_config(self) -> Fp8BlockConfig:
+        """The tile-scale settings of an ``fp8`` deploy (defaults of :class:`Fp8BlockConfig` where not given).
+
+        Raises:
+            DeployError: On an unknown mode or a value out of range.
+        """
+        given = {"mode": self.fp8_mode, "k": self.fp8_k, "percentile": self.fp8_percentile, "grid": self.fp8_grid}
+        try:
+            return Fp8BlockConfig(**{k: v for k, v in given.items() if v is not None})
+        except ValueError as err:
+            raise DeployError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -181,7 +226,8 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
 def _identity(cfg: DeployConfig, reader: CheckpointReader, extra: dict) -> dict:
     files = {f: (reader.model_dir / f).stat().st_size for f in sorted(set(reader.weight_map.values()))}
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("output_weight_path", "overwrite", "input_weight_path",
-                                                              "param_dir", "mla_param_path", "moe_param_path")}
+                                                              "param_dir", "mla_param_path", "moe_param_path",
+                                                              "calib_dir")}
     return {"deploy": opts, "source": {"fingerprint": model_fingerprint(reader), "files": files}, "params": extra}
 
 
@@ -217,6 +263,26 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
             return staged, reader, scheme, to_verify
         export_bf16(reader, staged, sample(to_verify, cfg.verify_samples, cfg.seed))
         config = bf16_config(reader.config)
+    elif cfg.quant_type == FP8:
+        reader = CheckpointReader(source)
+        layer_prefix = _layer_prefix(reader)
+        plan = plan_fp8(reader, layer_prefix, cfg.fp8_block_config().block)
+        to_verify, scheme = plan.converted, None
+        calib = {}
+        if cfg.calib_dir is not None:  # refused before anything is staged; its files identify the deploy
+            check_dump(reader, cfg.calib_dir)
+            calib = {"calib": dump_identity(cfg.calib_dir)}
+        staged = StagedOutput(cfg.output_weight_path, _identity(cfg, reader, calib), cfg.overwrite)
+        if staged.committed:
+            return staged, reader, scheme, to_verify
+        block_cfg = cfg.fp8_block_config()
+        with tempfile.TemporaryDirectory(prefix="fp8-act-stats-") as tmp:
+            stats = None
+            if cfg.calib_dir is not None:
+                collect_act_stats(source, cfg.calib_dir, Path(tmp))
+                stats = ActStats(Path(tmp), layer_prefix)
+            export_fp8(reader, staged, plan, block_cfg, stats, set(sample(to_verify, cfg.verify_samples, cfg.seed)))
+        config = fp8_config(reader.config, plan, block_cfg)
     else:
         reader = CheckpointReader(source)
         model = StreamingModel(source, device="cpu", dtype=storage_dtype(reader))
@@ -235,6 +301,14 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
     atomic_write_text(staged.partial / "config.json", json.dumps(config, indent=2) + "\n")
     staged.copy_side_files(source)
     return staged, reader, scheme, to_verify
+
+
+def _layer_prefix(reader: CheckpointReader) -> str:
+    """The decoder layers' name prefix of the source's family (``model.layers.`` when it has none registered)."""
+    try:
+        return get_family(reader.config.get("model_type", "")).layer_prefix
+    except UnsupportedModelError:
+        return "model.layers."
 
 
 def serving_warnings(scheme: QuantScheme | None, quantized: list[str]) -> list[str]:
@@ -267,6 +341,10 @@ def deploy(cfg: DeployConfig) -> DeployResult:
     checks = staged.checks()
     summ = summary(checks)
     log_table(summ, len(to_verify))
+    if cfg.quant_type == FP8:
+        summ["recommendations"] = fp8_recommendations(summ, cfg.fp8_block_config().mode, cfg.calib_dir is not None)
+        for line in summ["recommendations"]:
+            log.warning("fp8: %s", line)
     result = DeployResult(Path(cfg.output_weight_path), cfg.quant_type, len(staged.shard_files),
                           _safetensors_bytes(reader.model_dir), _safetensors_bytes(staged.partial),
                           time.perf_counter() - start, summ)
@@ -277,7 +355,9 @@ def deploy(cfg: DeployConfig) -> DeployResult:
               "input_bytes": result.input_bytes, "output_bytes": result.output_bytes,
               "seconds": round(result.seconds, 3),
               "bands": {f"int{bits}": {"GOOD": good, "WARN": warn} for bits, (good, warn) in BANDS.items()}
-              | {"bf16": "GOOD when all finite"},
+              | {"fp8": {"GOOD": FP8_BANDS[0], "WARN": FP8_BANDS[1]}, "bf16": "GOOD when all finite"},
+              "fp8": {"calibration": cfg.fp8_block_config().describe(), "calib_dir": cfg.calib_dir}
+              if cfg.quant_type == FP8 else None,
               "serving_warnings": warnings, "summary": summ, "tensors": [asdict(c) for c in checks],
               "identity": staged.identity, "files": staged.file_records()}
     atomic_write_text(staged.partial / REPORT_NAME, json.dumps(report, indent=2) + "\n")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+from ..quantization.fp8_block import Fp8BlockConfig, quantize_fp8_block
 
 TINY_BASE = dict(
     vocab_size=512,
@@ -92,15 +92,9 @@ def make_tiny_checkpoint(
 
 
 def quantize_fp8_blockwise(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cast ``weight`` to e4m3 with one inverse scale per ``block x block`` tile (DeepSeek layout)."""
-    out_dim, in_dim = weight.shape
-    rows, cols = -(-out_dim // block), -(-in_dim // block)
-    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
-    padded[:out_dim, :in_dim] = weight.float()
-    tiles = padded.view(rows, block, cols, block)
-    scale_inv = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
-    q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(rows * block, cols * block)[:out_dim, :in_dim].contiguous(), scale_inv
+    """Cast ``weight`` to e4m3 with one inverse scale per ``block x block`` tile (DeepSeek layout, absmax scales:
+    :func:`cores.quantization.fp8_block.quantize_fp8_block` in mode ``max``)."""
+    return quantize_fp8_block(weight, Fp8BlockConfig(block=(block, block)))
 
 
 def fp8_twins(

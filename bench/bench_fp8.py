@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Benchmark ``deploy.py --quant_type fp8``: every calibration mode, with and without activation statistics.
+
+For SmolLM2-135M (``assets/smollm2-135m``), and optionally a random sharded llama (``--models tiny`` / ``both``),
+one row per mode x activation-aware:
+
+1. ppl of the FP8 checkpoint through our loader (``eval_ppl.py``) against the BF16 source, on the same
+   windows of the corpus eval split (Δ%).
+2. Deploy wall seconds, and the throughput ratio against a plain safetensors read + write of the
+   same shards, measured side by side in this run (:func:`bench.bench_deploy.plain_copy_seconds`,
+   interleaved, best of ``--repeat``; goal ratio >= 0.5). An activation-aware deploy includes the
+   pass that runs every block on the calibration dump to collect its statistics.
+3. Peak RSS of ``deploy.py`` (a subprocess, :func:`bench.common.peak_rss_mib`), less that of the
+   imports alone, against the largest input shard.
+4. The verification bands (GOOD / WARN / FAIL tensors).
+
+The calibration dump is made here with ``extract_calib_data.py`` unless ``--calib_dir`` gives one.
+
+Usage (OMP_NUM_THREADS=1 measures one core; on a shared machine it also avoids OpenMP spin-waiting
+against other jobs):
+    python bench/bench_fp8.py [--calib_dir DUMP] [--eval_windows 16] [--seq_len 512] [--repeat 2] \
+        [--models smollm2|tiny|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the timed deploys (read when tqdm is imported)
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval_ppl  # noqa: E402
+from bench.bench_deploy import best, plain_copy_seconds, shard_bytes, since, start_clean  # noqa: E402
+from bench.common import peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
+from cores.deploy import DeployConfig, deploy  # noqa: E402
+
+CASES = [("max", False), ("rms", False), ("rms", True), ("percentile", False), ("percentile", True),
+         ("mse", False), ("mse", True)]
+TINY_CASES = [("max", False), ("mse", False), ("mse", True)]
+
+
+def ppl(model: Path, corpus: Path, seq_len: int, windows: int, out_json: Path) -> float:
+    """``eval_ppl.py`` on ``model`` (our streaming loader; an FP8 folder is dequantized as it is read)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its one-line summary would break the table
+        rc = eval_ppl.main(["--model", str(model), "--dataset", str(corpus), "--seq_len", str(seq_len),
+                            "--max_windows", str(windows), "--output_json", str(out_json)])
+    if rc:
+        raise SystemExit(f"eval_ppl.py failed on {model} (exit {rc})")
+    return json.loads(out_json.read_text())["ppl"]
+
+
+def make_dump(model: Path, corpus: Path, out: Path, n_samples: int, seq_len: int) -> Path:
+    """A calibration dump of ``model`` (``extract_calib_data.py``, corpus train split)."""
+    subprocess.run([sys.executable, "extract_calib_data.py", "--model", str(model), "--output_dir", str(out),
+                    "--dataset", str(corpus), "--split", "train", "--n_samples", str(n_samples), "--seq_len",
+                    str(seq_len), "--batch_size", "4"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def fp8_flags(mode: str, calib: Path | None) -> dict:
+    return {"fp8_mode": None if mode == "max" else mode, "calib_dir": None if calib is None else str(calib)}
+
+
+def deploy_seconds(src: Path, out: Path, flags: dict) -> tuple[tuple[float, float], dict]:
+    """Time one fp8 deploy into an empty ``out``: ((wall, CPU) seconds, verification summary)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = start_clean()
+    result = deploy(DeployConfig(str(src), str(out), "fp8", overwrite=True, **flags))
+    return since(start), result.verify
+
+
+def bench_model(name: str, src: Path, corpus: Path, calib: Path, cases: list[tuple[str, bool]], work: Path,
+                seq_len: int, windows: int, repeat: int) -> None:
+    size_mb = sum(shard_bytes(src)) / 10**6
+    largest = max(shard_bytes(src)) / 2**20
+    base = ppl(src, corpus, seq_len, windows, work / "ppl-bf16.json")
+    imports = peak_rss_mib([sys.executable, "-c", "import cores.deploy"])
+    print(f"\n{name}: {size_mb:.1f} MB bf16 in {len(shard_bytes(src))} shard(s), largest {largest:.1f} MiB; "
+          f"ppl bf16 {base:.4f} ({windows} windows x {seq_len} tokens of {corpus.name} test); "
+          f"throughput best of {repeat}, wall (CPU) ratio vs plain copy; imports take {imports:.0f} MiB RSS")
+    print(f"{'mode':11s} {'act':4s} {'ppl':>9s} {'Δ%':>8s} {'deploy s':>9s} {'plain s':>8s} {'ratio':>12s} "
+          f"{'peak RSS MiB':>13s} {'-imports/shard':>15s} {'GOOD/WARN/FAIL':>15s}")
+    out = work / "out"
+    deploy_seconds(src, out, fp8_flags("max", None))  # warm-up: imports, page cache
+    for mode, act in cases:
+        flags = fp8_flags(mode, calib if act else None)
+        plains, deploys = [], []
+        for _ in range(repeat):  # interleaved, so that a burst of load elsewhere hits both alike
+            plains.append(plain_copy_seconds(src, work / "plain"))
+            seconds, verify = deploy_seconds(src, out, flags)
+            deploys.append(seconds)
+        plain, dep = best(plains), best(deploys)
+        q = ppl(out, corpus, seq_len, windows, work / "ppl-fp8.json")
+        cmd = [sys.executable, "deploy.py", "--input_weight_path", str(src), "--output_weight_path", str(out),
+               "--quant_type", "fp8", "--overwrite"]
+        cmd += [] if mode == "max" else ["--fp8_mode", mode]
+        cmd += ["--calib_dir", str(calib)] if act else []
+        rss = peak_rss_mib(cmd)
+        bands = f"{verify['GOOD']}/{verify['WARN']}/{verify['FAIL']}"
+        print(f"{mode:11s} {'yes' if act else 'no':4s} {q:9.4f} {100 * (q / base - 1):+8.2f} {dep[0]:9.2f} "
+              f"{plain[0]:8.2f} {plain[0] / dep[0]:5.2f} ({plain[1] / dep[1]:4.2f}) {rss:13.0f} "
+              f"{(rss - imports) / largest:15.2f} {bands:>15s}", flush=True)
+    shutil.rmtree(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(ROOT / "assets" / "smollm2-135m"), help="BF16 source (SmolLM2-135M)")
+    p.add_argument("--corpus", default=str(ROOT / "assets" / "corpus"), help="eval / calibration text")
+    p.add_argument("--calib_dir", help="calibration dump of --model (default: made here)")
+    p.add_argument("--calib_samples", type=int, default=16, help="windows of the dump made here (default 16)")
+    p.add_argument("--calib_seq_len", type=int, default=512, help="tokens per dump window (default 512)")
+    p.add_argument("--eval_windows", type=int, default=16, help="ppl windows (default 16)")
+    p.add_argument("--seq_len", type=int, default=512, help="ppl window length (default 512)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs of each deploy; the best counts (default 2)")
+    p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "both"],
+                   help="SmolLM2 (default), a random bf16 llama (hidden 1024, 8 blocks, 4 shards), or both")
+    args = p.parse_args()
+    logging.basicConfig(level="ERROR")
+    logging.getLogger("cores").setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    corpus, src = Path(args.corpus), Path(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.models in ("smollm2", "both"):
+            calib = Path(args.calib_dir) if args.calib_dir else make_dump(src, corpus, work / "calib",
+                                                                          args.calib_samples, args.calib_seq_len)
+            bench_model(src.name, src, corpus, calib, CASES, work, args.seq_len, args.eval_windows, args.repeat)
+        if args.models in ("tiny", "both"):
+            tiny, _ = tiny_bf16_model(work / "tiny", "llama", train_text(400_000), hidden_size=1024,
+                                      intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                                      num_hidden_layers=8, max_shard_size="55MB")
+            tiny_calib = make_dump(tiny, corpus, work / "tiny-calib", 8, 256)
+            bench_model("random llama hidden 1024, 8 blocks", tiny, corpus, tiny_calib, TINY_CASES, work, 256, 8,
+                        args.repeat)
+
+
+if __name__ == "__main__":
+    main()
