@@ -1,0 +1,311 @@
+"""Recipes: schema errors with lines, layer ranges, built-in selection, mixed-precision checkpoints, sensitivity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from cores.deploy import DeployConfig, deploy
+from cores.deploy.writer import DeployError
+from cores.models import get_family
+from cores.models.streaming import StreamingModel
+from cores.quantization import QuantLinear
+from cores.recipes import (RecipeError, builtin_names, builtin_path, builtin_recipe, check_against_model,
+                           format_layer_ranges, load_recipe, parse_layer_ranges, parse_recipe, recipe_name_for)
+from cores.recipes.mixed import main as mixed_main
+from cores.recipes.mixed import restore_bf16_layers
+from cores.recipes.sensitivity import SensitivityConfig, layer_sensitivity, recipe_yaml
+from cores.utils.checkpoint import CheckpointReader
+from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer, tiny_config
+
+GOOD = """\
+version: 1
+scheme: w8a8c8
+options:
+  act: dynamic
+ignore:
+  - lm_head
+  - "re:.*mlp\\\\.down_proj$"
+bf16_layers: ["1"]
+"""
+
+
+def _error(text: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml")
+    return str(info.value)
+
+
+# ---- schema ------------------------------------------------------------------------------------------------
+
+def test_good_recipe_parses():
+    r = parse_recipe(GOOD, "r.yaml")
+    assert r.scheme == "w8a8c8" and r.options == {"act": "dynamic"}
+    assert r.ignore_patterns() == ["lm_head", r"re:.*mlp\.down_proj$"]
+    assert r.bf16_layers == (1,)
+    assert r.quant_scheme().act_mode == "dynamic"
+    assert r.block_ignore() == (r"re:.*mlp\.down_proj$",)
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("version: 1\nscheme: w8a8c8\nignor:\n  - lm_head\n", "r.yaml:3", "unknown key 'ignor'"),
+    ("version: 1\nscheme: w8a8c8\nignore:\n  - lm_head\n  - 're:model.(('\n", "r.yaml:5", "bad regular expression"),
+    ("version: 2\nscheme: w8a8c8\n", "r.yaml:1", "version 2 is not supported"),
+    ("scheme: w8a8c8\n", "r.yaml:1", "no 'version'"),
+    ("version: 1\nscheme: w3a8\n", "r.yaml:2", "not a registered scheme"),
+    ("version: 1\nscheme: w8a8c8\noptions:\n  act: dyn\n", "r.yaml:4", "options.act"),
+    ("version: 1\nscheme: w8a8c8\nbf16_layers:\n  - '3'\n  - '9-4'\n", "r.yaml:5", "empty"),
+    ("version: 1\nscheme: w8a8c8\nbf16_layers:\n  - 'x'\n", "r.yaml:4", "must be 'N' or 'A-B'"),
+    ("version: 1\nscheme: w8a8c8\ntraining:\n  epochs: 2\n  epohcs: 3\n", "r.yaml:5", "unknown key 'epohcs'"),
+    ("version: 1\nscheme: w8a8c8\ntraining:\n  model: x\n", "r.yaml:4", "the command line"),
+    ("version: 1\nscheme: w8a8c8\noverrides:\n  - targets: [lm_head]\n    act: sometimes\n", "r.yaml:5",
+     "override act"),
+    ("version: 1\nscheme: w8a8c8\noverrides:\n  - targets: [lm_head]\n", "r.yaml:4", "needs a scheme or an act"),
+    ("version: 1\nscheme: w4a8c8\noptions:\n  group_size: 12\n", "r.yaml:3", "group_size"),
+    ("version: 1\nscheme: w8a8c8\nignore: [lm_head\n", "r.yaml:", "not valid YAML"),
+])
+def test_schema_errors_name_the_line(text, where, words):
+    message = _error(text)
+    assert message.startswith(where), message
+    assert words in message, message
+
+
+def test_model_checks_name_the_line():
+    family, config = get_family("llama"), tiny_config("llama")  # 2 layers
+    out_of_range = parse_recipe("version: 1\nscheme: w8a8c8\nbf16_layers:\n  - '0'\n  - '1-2'\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"^r\.yaml:5: bf16 layer 2 is out of range"):
+        check_against_model(out_of_range, config, family)
+    nothing = parse_recipe("version: 1\nscheme: w8a8c8\nignore:\n  - lm_head\n  - 're:.*kv_b_proj$'\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"^r\.yaml:5: target 're:\.\*kv_b_proj\$' matches no module"):
+        check_against_model(nothing, config, family)
+    by_class = parse_recipe("version: 1\nscheme: w8a8c8\nignore: [Linear, model.layers.1.mlp.up_proj]\n", "r.yaml")
+    assert "model.layers.1.mlp.up_proj" in check_against_model(by_class, config, family)
+
+
+def test_positional_ignore_does_not_reach_training():
+    r = parse_recipe("version: 1\nscheme: w8a8c8\nignore:\n  - model.layers.3.mlp.down_proj\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"^r\.yaml:4: .*bf16_layers"):
+        r.train_options()
+
+
+def test_layer_ranges():
+    assert parse_layer_ranges(["22", "28-29", 5, " 7 - 8 "]) == [5, 7, 8, 22, 28, 29]
+    assert format_layer_ranges([29, 5, 22, 28, 7, 8]) == ["5", "7-8", "22", "28-29"]
+    assert parse_layer_ranges(format_layer_ranges([0, 1, 2, 4, 9])) == [0, 1, 2, 4, 9]
+    with pytest.raises(RecipeError):
+        parse_layer_ranges(["-1"])
+
+
+# ---- built-in recipes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_id, name", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "llama"),
+    ("meta-llama/Llama-3.1-8B", "llama"),
+    ("Qwen/Qwen3-8B", "qwen3"),
+    ("Qwen/Qwen3-235B-A22B", "qwen3_moe"),
+    ("Qwen/Qwen3-Coder-480B-A35B-Instruct", "qwen3_moe"),
+    ("deepseek-ai/DeepSeek-V3", "deepseek_v3"),
+    ("deepseek-ai/DeepSeek-V3.1", "deepseek_v3"),
+    ("deepseek-ai/DeepSeek-V3.1-Terminus", "deepseek_v3"),
+    ("deepseek-ai/DeepSeek-R1", "deepseek_v3"),
+    ("deepseek-ai/DeepSeek-R1-0528", "deepseek_v3"),
+    ("deepseek-ai/DeepSeek-V3.2-Exp", "deepseek_v32"),
+    ("deepseek-ai/DeepSeek-V3.2", "deepseek_v32"),
+])
+def test_builtin_by_id(model_id, name):
+    assert recipe_name_for(model_id) == name
+
+
+def test_builtin_by_config():
+    assert recipe_name_for(None, {"architectures": ["DeepseekV32ForCausalLM"]}) == "deepseek_v32"
+    assert recipe_name_for("my-finetune", {"architectures": ["Qwen3MoeForCausalLM"]}) == "qwen3_moe"
+    assert recipe_name_for(None, {"model_type": "qwen3"}) == "qwen3"
+    with pytest.raises(RecipeError, match="no built-in recipe"):
+        recipe_name_for("gpt2", {"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe", "deepseek_v3", "deepseek_v32"])
+def test_builtins_are_valid_for_their_family(name):
+    assert name in builtin_names()
+    recipe = load_recipe(builtin_path(name))
+    check_against_model(recipe, tiny_config(name), get_family(name))
+    assert "lm_head" in recipe.ignore_patterns()
+    text = builtin_path(name).read_text()
+    assert text.lstrip().startswith("#")  # says what stays high precision, and why
+    if name.startswith("deepseek"):
+        assert r"re:.*self_attn\.kv_b_proj$" in recipe.ignore_patterns()
+    if name == "deepseek_v32":
+        assert r"re:.*self_attn\.indexer\." in recipe.ignore_patterns()
+    if "moe" in name or name.startswith("deepseek"):
+        assert r"re:.*mlp\.gate$" in recipe.ignore_patterns()
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_deployed(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("mix")
+    src = make_tiny_checkpoint(root / "src", "llama", dtype=torch.bfloat16, num_hidden_layers=3)
+    save_tiny_tokenizer(src, "the quick brown fox jumps over the lazy dog " * 50, 300)
+    deploy(DeployConfig(str(src), str(root / "w8a8"), "w8a8c16"))
+    return src, root / "w8a8"
+
+
+def test_mixed_checkpoint_reads_back(tiny_deployed, tmp_path):
+    src, deployed = tiny_deployed
+    result = restore_bf16_layers(deployed, src, [2], tmp_path / "mix")
+    linears = [f"model.layers.2.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert sorted(result.restored) == sorted(linears)
+    ignore = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert set(linears) <= set(ignore) and "lm_head" in ignore
+    assert not any(n.startswith("model.layers.1.") for n in ignore)
+    out, source = CheckpointReader(tmp_path / "mix"), CheckpointReader(src)
+    assert not any(k.startswith("model.layers.2.") and k.endswith(("weight_scale", "input_scale")) for k in out.keys)
+    for name in linears:
+        stored = out.read([name + ".weight"])[name + ".weight"]
+        assert stored.dtype == torch.bfloat16
+        assert torch.equal(stored, source.read([name + ".weight"])[name + ".weight"])
+    assert out.read(["model.layers.1.mlp.up_proj.weight"])["model.layers.1.mlp.up_proj.weight"].dtype == torch.int8
+    assert result.deployed_bytes < result.output_bytes < result.source_bytes + result.deployed_bytes
+    model = StreamingModel(tmp_path / "mix")  # checks the recorded file checksums too
+    assert isinstance(model.load_block(2).self_attn.q_proj, nn.Linear)
+    assert not isinstance(model.load_block(2).self_attn.q_proj, QuantLinear)
+    assert isinstance(model.load_block(1).self_attn.q_proj, QuantLinear)
+    ids = torch.randint(0, 300, (1, 16))
+    nll, count = model.sequence_nll(ids)
+    assert count == 15 and torch.isfinite(torch.tensor(nll))
+    with safe_open(tmp_path / "mix" / out.weight_map["model.layers.2.mlp.up_proj.weight"], "pt") as f:
+        assert "model.layers.2.mlp.up_proj.weight_scale" not in f.keys()
+    again = restore_bf16_layers(deployed, src, [2], tmp_path / "mix")  # resumable: nothing to do
+    assert again.restored == result.restored
+
+
+def test_mixed_refuses_bad_inputs(tiny_deployed, tmp_path):
+    src, deployed = tiny_deployed
+    with pytest.raises(DeployError, match="out of range"):
+        restore_bf16_layers(deployed, src, [3], tmp_path / "mix")
+    with pytest.raises(DeployError, match="not a compressed-tensors"):
+        restore_bf16_layers(src, src, [0], tmp_path / "mix")
+    assert mixed_main(["--deployed", str(deployed), "--source", str(src), "--output", str(tmp_path / "m2"),
+                       "--bf16_layers", "7"]) == 2
+    assert not (tmp_path / "m2").exists()
+
+
+def test_sensitivity_and_written_recipe(tiny_deployed, tmp_path):
+    src, _ = tiny_deployed
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    result = layer_sensitivity(SensitivityConfig(model=str(src), dataset=str(text), seq_len=32, windows=2))
+    assert [s.layer for s in result.scores] == [0, 1, 2]
+    assert all(s.kl >= 0 and s.ppl > 0 for s in result.scores)
+    pick = result.pick(2)
+    assert len(pick) == 2 and set(pick) <= {0, 1, 2}
+    assert result.ranking()[0].kl >= result.ranking()[-1].kl
+    written = parse_recipe(recipe_yaml(builtin_recipe(None, {"model_type": "llama"}), pick, "note\nline"), "w.yaml")
+    assert written.bf16_layers == tuple(pick) and written.scheme == "w8a8c8"
+
+
+# ---- one-command flow --------------------------------------------------------------------------------------
+
+def test_flow_runs_and_resumes(tiny_deployed, tmp_path, caplog):
+    from cores.recipes.flow import FlowConfig, run_flow
+
+    src, _ = tiny_deployed
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nscheme: w8a8c16\noptions: {act: dynamic}\nignore: [lm_head, 're:.*norm$']\n"
+                      "bf16_layers: ['1']\ntraining: {rtn: true}\n")
+    cfg = FlowConfig(model_path=str(src), save_path=str(tmp_path / "run"), recipe=str(recipe),
+                     calib_dataset=str(text), eval_dataset=str(text), n_samples=2, seq_len=16, eval_seq_len=16,
+                     eval_windows=2)
+    out = run_flow(cfg)
+    assert set(out["ppl"]) == {"bf16", "deployed", "mixed"}
+    ignore = json.loads((tmp_path / "run" / "mixed" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.1.mlp.down_proj" in ignore
+    with caplog.at_level("INFO"):
+        again = run_flow(cfg)
+    assert again["ppl"] == out["ppl"]
+    assert "this deploy already" in caplog.text and "done already" in caplog.text
+
+
+def test_flow_refuses_what_it_cannot_deploy(tiny_deployed, tmp_path):
+    from cores.recipes.flow import FlowConfig, resolve_recipe
+
+    src, _ = tiny_deployed
+    cases = {
+        "version: 1\nscheme: w8a8c8\nbf16_layers: ['1']\n": r"r\.yaml:3: bf16_layers with an 8-bit KV cache",
+        "version: 1\nscheme: w8a8c8\noverrides:\n  - targets: ['re:.*down_proj$']\n    act: static\n":
+            r"r\.yaml:4: overrides are validated but not deployed",
+    }
+    for text, match in cases.items():
+        (tmp_path / "r.yaml").write_text(text)
+        with pytest.raises(RecipeError, match=match):
+            resolve_recipe(FlowConfig(model_path=str(src), save_path=str(tmp_path / "o"),
+                                      recipe=str(tmp_path / "r.yaml")))
+
+
+def test_mixed_sharded_deploy(tiny_deployed, tmp_path):
+    """A deploy cut into several shards: each restored layer lands in a shard, the index lists every tensor."""
+    src, _ = tiny_deployed
+    deploy(DeployConfig(str(src), str(tmp_path / "w8a8"), "w8a8c16", max_shard_size="20KB"))
+    assert len(list((tmp_path / "w8a8").glob("*.safetensors"))) > 1
+    result = restore_bf16_layers(tmp_path / "w8a8", src, [0, 2], tmp_path / "mix")
+    assert len(result.restored) == 14
+    index = json.loads((tmp_path / "mix" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.down_proj.weight" in index and "model.layers.1.mlp.down_proj.weight_scale" in index
+    assert not any(k.startswith(("model.layers.0.", "model.layers.2.")) and k.endswith("weight_scale") for k in index)
+    model = StreamingModel(tmp_path / "mix")
+    assert isinstance(model.load_block(1).mlp.down_proj, QuantLinear)
+    assert not isinstance(model.load_block(0).mlp.down_proj, QuantLinear)
+
+
+@pytest.mark.slow
+def test_mixed_fp8_deepseek(tiny_deepseek, tmp_path):
+    """An FP8 MLA + MoE source: restored layers are its bf16 dequantization, block outputs equal the float ones."""
+    src = tiny_deepseek.fp8_dir
+    deploy(DeployConfig(str(src), str(tmp_path / "w8a8"), "w8a8c16"))
+    restore_bf16_layers(tmp_path / "w8a8", src, [1], tmp_path / "mix")
+    ignore = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.1.mlp.experts.0.up_proj" in ignore and "model.layers.1.self_attn.q_a_proj" in ignore
+    mix, ref = StreamingModel(tmp_path / "mix"), StreamingModel(src)
+    x = torch.randn(1, 16, ref.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = ref.rotary(16)
+    assert torch.equal(mix.load_block(1)(x, cos, sin), ref.load_block(1)(x, cos, sin))
+    assert not torch.equal(mix.load_block(2)(x, cos, sin), ref.load_block(2)(x, cos, sin))
+
+
+def test_sensitivity_cli_writes_recipe(tiny_deployed, tmp_path, caplog):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sensitivity_cli", Path(__file__).resolve().parents[2] / "scripts" / "sensitivity.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    src, _ = tiny_deployed
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    out = tmp_path / "sens"
+    assert cli.main(["--model", str(src), "--dataset", str(text), "--seq_len", "32", "--windows", "2",
+                     "--budget", "1", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert len(report["pick"]) == 1 and report["pick"][0] == report["ranking"][0]
+    recipe = load_recipe(out / "recipe.yaml")
+    assert list(recipe.bf16_layers) == report["pick"] and recipe.scheme == "w8a8c8"  # the built-in llama recipe
+    assert (out / "sensitivity.png").is_file() or "matplotlib is not installed" in caplog.text
+
+
+def test_quantize_cli_refuses_a_bad_recipe(tiny_deployed, tmp_path, caplog):
+    import quantize
+
+    src, _ = tiny_deployed
+    (tmp_path / "r.yaml").write_text("version: 1\nscheme: w8a8c16\nbf16_layers: ['9']\n")
+    assert quantize.main(["--model_path", str(src), "--save_path", str(tmp_path / "o"),
+                          "--recipe", str(tmp_path / "r.yaml")]) == 2
+    assert "r.yaml:3: bf16 layer 9 is out of range" in caplog.text
