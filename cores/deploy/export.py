@@ -23,6 +23,7 @@ into their shard and are checked against the source rows while both are in cache
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
@@ -215,7 +216,8 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
     reader, family = model.reader, model.family
     plan = ExportPlan()
     plan.units, extra_linears = _outside_units(model)
-    plan.kept = [family.lm_head_key.removesuffix(".weight"), *extra_linears]
+    plan.kept = [family.lm_head_key.removesuffix(".weight"), *extra_linears,
+                 *(f"re:{re.escape(prefix)}.*" for prefix in family.passthrough)]  # a vision tower, as stored
     block_specs = []
     for idx in range(model.num_blocks):
         prefix = family.block_prefix(idx)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layers import RMSNorm
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's ``model_type`` has no registered family."""
@@ -25,6 +27,12 @@ class ModelFamily:
         fp32_suffixes: parameter-name suffixes kept in fp32 whatever the compute
             dtype (router correction biases and scores whose near-ties decide a
             selection, as the reference implementations keep them).
+        norm: ``(dim, eps) -> nn.Module``, the family's RMSNorm (the final norm and the norm that reads a
+            block's output are built with it).
+        decoder_config: ``config -> config`` of the decoder that runs block by block (the ``text_config``
+            of a vision-language checkpoint); every other field reads that config.
+        passthrough: name prefixes of the modules outside the decoder (a vision tower) that deploy copies
+            as stored and lists in the ``ignore`` of ``quantization_config``.
     """
 
     model_type: str
@@ -35,6 +43,9 @@ class ModelFamily:
     lm_head_key: str = "lm_head.weight"
     layer_prefix: str = "model.layers."
     fp32_suffixes: tuple[str, ...] = ()
+    norm: Callable[[int, float], nn.Module] = RMSNorm
+    decoder_config: Callable[[object], object] = lambda config: config
+    passthrough: tuple[str, ...] = ()
 
     def block_prefix(self, idx: int) -> str:
         return f"{self.layer_prefix}{idx}."

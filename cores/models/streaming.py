@@ -189,8 +189,9 @@ class StreamingModel:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto"):
         self.reader = CheckpointReader(model_dir)
-        self.config = load_config(self.reader)
-        self.family = get_family(self.config.model_type)
+        config = load_config(self.reader)
+        self.family = get_family(config.model_type)
+        self.config = self.family.decoder_config(config)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.num_blocks: int = self.config.num_hidden_layers
@@ -280,7 +281,7 @@ class StreamingModel:
         )
 
     def final_norm(self) -> RMSNorm:
-        norm = RMSNorm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
+        norm = self.family.norm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
         norm.weight.data = self._read_one(self.family.norm_key, (self.hidden_size,))
         return norm.eval().requires_grad_(False)
 
@@ -288,7 +289,7 @@ class StreamingModel:
         """The norm that reads block ``idx``'s output: the next block's input norm, or the final norm."""
         if idx + 1 >= self.num_blocks:
             return self.final_norm()
-        norm = RMSNorm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
+        norm = self.family.norm(self.hidden_size, self.config.rms_norm_eps).to(self.device)
         norm.weight.data = self._read_one(self.family.block_prefix(idx + 1) + "input_layernorm.weight",
                                           (self.hidden_size,))
         return norm.eval().requires_grad_(False)
