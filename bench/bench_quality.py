@@ -7,7 +7,9 @@ param dir (block-loss stats and training wall time from their records), fake-qua
 perplexity on the eval split (GPTQ/OmniQuant protocol: first ``--max_windows``
 windows of ``--eval_seq_len``), and llm-compressor recipes run in their own venv
 (``outputs/venv-baseline``, created here) on the same calibration token windows (the
-dump's ``tokens.safetensors``) and the same eval windows. Every stage is cached under
+dump's ``tokens.safetensors``) and the same eval windows; ``autoround_*`` baselines run the
+``auto-round`` package (``--autoround_iters`` SignRound steps per block) in
+``outputs/venv-autoround``, also created here. Every stage is cached under
 ``--out``: a rerun skips what exists and only re-prints the table. The ablation rows
 (``--variants``) add one learned part at a time: clips, rounding, smoothing, the norm loss,
 sequential inputs.
@@ -20,7 +22,7 @@ On a 2-core CPU one learned variant of one scheme takes about 40 minutes there; 
 Usage:
     python bench/bench_quality.py [--n_samples 64] [--calib_seq_len 512] [--epochs 2] [--lr X] [--lwc_lr X]
         [--eval_seq_len 512] [--max_windows 32] [--schemes w8a8c16,...] [--acts static,dynamic]
-        [--variants rtn,clip,...] [--baselines gptq_w8a8,...]
+        [--variants rtn,clip,...] [--baselines gptq_w8a8,...,autoround_w4a8_g64] [--autoround_iters 200]
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ BASELINES = {  # recipe -> label; all ignore lm_head, weights symmetric
     "sq_gptq_w8a8_static": "llm-compressor SmoothQuant+GPTQ W8A8 static",
     "gptq_w8a8_kv8": "llm-compressor GPTQ W8A8 + fp8 KV",
     "sq_gptq_w8a8_kv8": "llm-compressor SmoothQuant+GPTQ W8A8 + fp8 KV",
+    "autoround_w4a8_g64": "AutoRound W4A8 g64 (dyn tok)",
+    "autoround_w4a16_g64": "AutoRound W4A16 g64",
 }
 BASELINE_SCRIPT = ROOT / "bench" / "baselines" / "llmcompressor_gptq.py"
+AUTOROUND_SCRIPT = ROOT / "bench" / "baselines" / "autoround_w4a8.py"
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,16 @@ def cached_json(path: Path, compute) -> dict:
     return json.loads(path.read_text())
 
 
-def ensure_baseline_venv(venv: Path) -> Path:
-    """Create ``venv`` with CPU torch 2.13.0 and llm-compressor unless it imports already; its python."""
+def ensure_baseline_venv(venv: Path, package: str = "llmcompressor", module: str = "llmcompressor") -> Path:
+    """Create ``venv`` with CPU torch 2.13.0 and ``package`` unless ``module`` imports already; its python."""
     py = venv / "bin" / "python"
-    if py.is_file() and subprocess.run([str(py), "-c", "import llmcompressor"], capture_output=True).returncode == 0:
+    if py.is_file() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0:
         return py
-    log.info("creating %s (torch==2.13.0 first, then llmcompressor)", venv)
+    log.info("creating %s (torch==2.13.0 first, then %s)", venv, package)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    for pkg in ("torch==2.13.0", "llmcompressor"):
-        subprocess.run([str(py), "-m", "pip", "install", "-q", pkg], check=True)
+    pin = ROOT / "bench" / "baselines" / "constraints-torch.txt"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(pin), package], check=True)
     return py
 
 
@@ -140,19 +146,33 @@ def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str)
     return rows
 
 
-def baseline_row(assets: Assets, args: argparse.Namespace, py: Path, recipe: str) -> Row:
-    """Run one llm-compressor recipe in its venv (cached) on our calibration tokens and eval windows."""
-    out = args.run_dir / "baselines" / f"{recipe}_L{args.eval_seq_len}_w{args.max_windows}.json"
+def baseline_row(assets: Assets, args: argparse.Namespace, recipe: str) -> Row:
+    """Run one peer recipe in its own venv (cached) on our calibration tokens and eval windows.
+
+    ``autoround_*`` recipes run ``auto-round`` (``--autoround_iters`` SignRound steps per block)
+    in ``--autoround_venv``; the rest run llm-compressor in ``--venv``.
+    """
+    autoround = recipe.startswith("autoround_")
+    suffix = f"_i{args.autoround_iters}" if autoround else ""
+    out = args.run_dir / "baselines" / f"{recipe}{suffix}_L{args.eval_seq_len}_w{args.max_windows}.json"
     if not out.is_file():
-        log.info("llm-compressor %s: running in %s", recipe, py)
-        subprocess.run([str(py), str(BASELINE_SCRIPT), "--recipe", recipe, "--model", str(assets.model_dir),
+        if autoround:
+            py = ensure_baseline_venv(args.autoround_venv, "auto-round", "auto_round")
+            script = [str(AUTOROUND_SCRIPT), "--iters", str(args.autoround_iters), "--group_size",
+                      str(args.group_size)]
+        else:
+            py = ensure_baseline_venv(args.venv)
+            script = [str(BASELINE_SCRIPT)]
+        log.info("%s: running in %s", recipe, py)
+        subprocess.run([str(py), *script, "--recipe", recipe, "--model", str(assets.model_dir),
                         "--tokens", str(args.run_dir / "calib" / "tokens.safetensors"),
                         "--eval_text", str(assets.eval_text), "--seq_len", str(args.eval_seq_len),
                         "--max_windows", str(args.max_windows), "--threads", str(args.threads),
                         "--output_json", str(out)], check=True)
     result = json.loads(out.read_text())
-    log.info("llm-compressor %s: ppl %.4f, versions %s", recipe, result["ppl"], result["versions"])
-    return Row(BASELINES[recipe], result["ppl"], result["quant_seconds"] if recipe != "bf16" else None)
+    log.info("%s: ppl %.4f, versions %s", recipe, result["ppl"], result["versions"])
+    label = BASELINES[recipe] + (f", {args.autoround_iters} iters" if autoround else "")
+    return Row(label, result["ppl"], result["quant_seconds"] if recipe != "bf16" else None)
 
 
 def table(rows: list[Row], bf16: float, args: argparse.Namespace) -> str:
@@ -189,6 +209,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality")
     p.add_argument("--venv", type=Path, default=ROOT / "outputs" / "venv-baseline", help="llm-compressor venv")
+    p.add_argument("--autoround_venv", type=Path, default=ROOT / "outputs" / "venv-autoround", help="auto-round venv")
+    p.add_argument("--autoround_iters", type=int, default=200, help="SignRound steps per block (auto-round's default)")
     args = p.parse_args()
     unknown = set(filter(None, args.baselines.split(","))) - set(BASELINES)
     if unknown:
@@ -211,9 +233,7 @@ def main() -> None:
         for act in filter(None, args.acts.split(",")):
             rows += scheme_rows(assets, args, scheme, act)
     recipes = list(filter(None, args.baselines.split(",")))
-    if recipes:
-        py = ensure_baseline_venv(args.venv)
-        rows += [baseline_row(assets, args, py, recipe) for recipe in recipes]
+    rows += [baseline_row(assets, args, recipe) for recipe in recipes]
     log.info("bench done in %.1f s", time.perf_counter() - start)
     print(table(rows, bf16, args))
 
