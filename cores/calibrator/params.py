@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor, nn
 
-from ..quantization import QuantScheme
+from ..quantization import QuantScheme, SchemeOverride, TargetSchemes
 from ..utils.io import atomic_write_text, file_change, file_record, load_json, locked, temp_path
 from .quant_block import freeze, load_quant_state, quantize_block
 
@@ -256,6 +256,13 @@ class ParamSet:
     def scheme(self) -> QuantScheme:
         return QuantScheme(**self.identity()["scheme"])
 
+    def target_schemes(self) -> TargetSchemes | None:
+        """The scheme with the run's per-target overrides (None: the run had none)."""
+        overrides = self.identity().get("overrides")
+        if not overrides:
+            return None
+        return TargetSchemes(self.scheme(), tuple(SchemeOverride.from_dict(o) for o in overrides))
+
     def files(self) -> list[Path]:
         return [p for d in self.dirs for p in d.files()]
 
@@ -300,12 +307,18 @@ class ParamSet:
             where = ", ".join(str(p) for p in self.paths)
             gaps = "; ".join(f"{mode} params for blocks {_ranges(blocks)}" for mode, blocks in missing.items())
             raise ParamDirError(f"{where} has no {gaps}; run main.py for them")
-        identity, scheme = self.identity(), self.scheme()
+        identity, scheme, targets = self.identity(), self.scheme(), self.target_schemes()
+        family = None
+        if targets is not None:  # overrides match full names: the block's prefix comes from its family
+            from ..models.registry import get_family
+
+            family = get_family(identity["model_type"])
 
         def transform(idx: int, block: nn.Module) -> nn.Module:
             quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"],
                            rounding=identity.get("rounding", False), smooth=identity.get("smooth", False),
-                           smooth_dtype=smooth_dtype(identity) or torch.bfloat16)
+                           smooth_dtype=smooth_dtype(identity) or torch.bfloat16, targets=targets,
+                           prefix=family.block_prefix(idx) if family else "")
             load_quant_state(block, self.load_block(idx), f"params of block {idx} in {', '.join(map(str, self.paths))}")
             return freeze(block) if frozen else block
 

@@ -28,6 +28,7 @@ from ..quantization import (
     QuantLinear,
     QuantScheme,
     QuantState,
+    TargetSchemes,
     quantize_linears,
     set_quant_state,
 )
@@ -47,6 +48,8 @@ def quantize_block(
     rounding: bool = False,
     smooth: bool = False,
     smooth_dtype: torch.dtype = torch.bfloat16,
+    targets: TargetSchemes | None = None,
+    prefix: str = "",
 ) -> nn.Module:
     """Swap quantizers into ``block`` in place; it is returned in ``FLOAT`` state.
 
@@ -61,8 +64,16 @@ def quantize_block(
         rounding: learn a rounding offset per weight (SignRound-style).
         smooth: add learned smoothing scales (:mod:`~cores.quantization.smoothing`).
         smooth_dtype: the dtype the checkpoint stores the norm weights (and biases) smoothing rewrites in.
+        targets: per-target schemes on full module names (``scheme`` is their default; its KV cache is the
+            block's); None: ``scheme`` for every linear.
+        prefix: the block's full name and a dot (``model.layers.3.``), which ``targets`` match under.
+
+    Raises:
+        ValueError: when linears that read one input (q/k/v, gate/up: one fused layer when served) get
+            different schemes.
     """
-    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac, rounding=rounding, scope=scope)
+    quantize_linears(block, scheme, ignore, lwc=lwc, lac=lac, rounding=rounding, scope=scope, targets=targets,
+                     prefix=prefix)
     if smooth:
         add_smoothers(block, scope, smooth_dtype)
     for path, module in block.named_modules():
@@ -70,6 +81,8 @@ def quantize_block(
             continue
         for group in getattr(module, "shared_input_groups", ()):
             linears = [getattr(module, name) for name in group if isinstance(getattr(module, name), QuantLinear)]
+            if targets is not None:
+                _check_fused(prefix + (f"{path}." if path else ""), module, group)
             for linear in linears[1:]:
                 linear.input_quantizer = linears[0].input_quantizer
         if scheme.kv_bits is not None:
@@ -78,6 +91,16 @@ def quantize_block(
                     device = next(module.parameters()).device
                     setattr(module, hook, KVQuantizer(scheme.kv_format, lac=lac, device=device))
     return block
+
+
+def _check_fused(base: str, module: nn.Module, group: Sequence[str]) -> None:
+    """Refuse a shared-input group whose linears got different schemes (or only some of them quantized)."""
+    kinds = {name: getattr(module, name).scheme if isinstance(getattr(module, name), QuantLinear) else None
+             for name in group}
+    if len(set(kinds.values())) > 1:
+        got = ", ".join(f"{base}{n}: {s.name + ' ' + s.act_mode if s else 'high precision'}" for n, s in kinds.items())
+        raise ValueError(f"{', '.join(base + n for n in group)} read one input and are one fused layer in vLLM, "
+                         f"so they need one scheme; the overrides give {got}: target all of them or none")
 
 
 def add_smoothers(block: nn.Module, scope: str = "", dtype: torch.dtype = torch.bfloat16

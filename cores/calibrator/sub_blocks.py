@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..models.moe import MoE
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import QuantScheme
+from ..quantization import QuantScheme, TargetSchemes
 from .dump import HiddenDump
 from .fit import Batches, FitOptions, calibrate, fit, mse, norm_mse
 from .quant_block import quant_state_dict, quantize_block
@@ -54,6 +54,13 @@ class SubBlockJob:
     min_expert_tokens: int = 32
     rounding: bool = False
     loss: str = "mse"
+    targets: TargetSchemes | None = None
+    prefix: str = ""
+
+    def quantize(self, block: nn.Module, scope: str) -> None:
+        """Quantize the ``scope`` part of ``block`` with this job's schemes."""
+        quantize_block(block, self.scheme, self.ignore, self.lwc, self.lac, scope=scope, rounding=self.rounding,
+                       targets=self.targets, prefix=self.prefix)
 
 
 def _attention_out(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -74,7 +81,7 @@ def train_attention(idx: int, job: SubBlockJob, label: str) -> tuple[dict[str, T
     """``--train_mode mla``: the attention sub-block of block ``idx`` (its MLP is never read)."""
     block = job.model.load_block(idx, skip=("mlp.",))
     with _store_outputs(job, job.inputs, lambda x: _attention_out(block, x, job.cos, job.sin)) as targets:
-        quantize_block(block, job.scheme, job.ignore, job.lwc, job.lac, scope="self_attn.", rounding=job.rounding)
+        job.quantize(block, "self_attn.")
         ys = Batches(targets, job.model.device, job.model.dtype, f"{label}: float attention output")
 
         def batch_loss(rows):
@@ -168,14 +175,12 @@ def train_mlp(idx: int, job: SubBlockJob, label: str) -> tuple[dict[str, Tensor]
             with ExitStack() as stack:
                 if unit.tokens is not None and tokens < max(1, job.min_expert_tokens):
                     # too few tokens to learn from: round-to-nearest, static range over every token of the layer
-                    quantize_block(block, job.scheme, job.ignore, job.lwc, job.lac, scope=f"{unit.name}.",
-                                   rounding=job.rounding)
+                    job.quantize(block, f"{unit.name}.")
                     calibrate(module, lambda rows: (module(u.get(rows)), 0.0), job.n, job.opts.batch)
                     units_record[unit.name] = {"tokens": tokens, "rtn_too_few_tokens": True}
                 else:
                     batch_loss, n, batch = _unit_loss(module, unit, u, job, label, stack)
-                    quantize_block(block, job.scheme, job.ignore, job.lwc, job.lac, scope=f"{unit.name}.",
-                                   rounding=job.rounding)
+                    job.quantize(block, f"{unit.name}.")
                     _, record = fit(module, batch_loss, n, replace(job.opts, batch=batch), f"{label} {unit.name}")
                     units_record[unit.name] = {"tokens": tokens, "rtn_too_few_tokens": False, **record}
             units_record[unit.name]["seconds"] = round(time.perf_counter() - start, 3)

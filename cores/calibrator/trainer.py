@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, promote_unquantized, serving_notes
+from ..quantization import (DEFAULT_IGNORE, QuantScheme, SchemeOverride, TargetSchemes, get_scheme,
+                            promote_unquantized, serving_notes)
 from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
 from ..utils.io import remove_stale_temps
@@ -102,6 +103,8 @@ class TrainConfig:
         device: ``cpu`` or ``cuda:N``.
         seed: shuffling seed.
         ignore: module patterns kept in high precision.
+        overrides: per-target schemes on full module names (a recipe's ``overrides``), each deployed as a
+            config group of its own; the KV cache stays the scheme's.
     """
 
     model: str
@@ -133,6 +136,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+    overrides: tuple[SchemeOverride, ...] = ()
 
     def __post_init__(self):
         if self.train_mode not in TRAIN_MODES:
@@ -151,12 +155,17 @@ class TrainConfig:
         if self.start_block_idx < 0 or (self.end_block_idx is not None and self.end_block_idx <= self.start_block_idx):
             raise ValueError(f"empty block range [--start_block_idx {self.start_block_idx}, "
                              f"--end_block_idx {self.end_block_idx})")
-        self.quant_scheme  # validate early
+        self.target_schemes  # validate early
 
     @property
     def quant_scheme(self) -> QuantScheme:
         """The scheme these settings ask for (validated)."""
         return get_scheme(self.scheme, self.act, self.kv_format, self.group_size, self.act_format)
+
+    @property
+    def target_schemes(self) -> TargetSchemes | None:
+        """The scheme with the overrides (None: no overrides, one scheme for every linear)."""
+        return TargetSchemes(self.quant_scheme, tuple(self.overrides)) if self.overrides else None
 
     @property
     def fit_options(self) -> FitOptions:
@@ -222,6 +231,12 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
         "smooth_dtype": str(norm_dtype(model.reader)).removeprefix("torch.") if cfg.learn_smooth else None,
         "ignore": list(cfg.ignore), "train_mode": mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
     }
+    if cfg.overrides:  # absent otherwise: param dirs of runs without overrides keep their identity
+        identity["overrides"] = [o.to_dict() for o in cfg.overrides]
+    targets = cfg.target_schemes
+    for other in (targets.schemes()[1:] if targets else ()):
+        for note in serving_notes(other, moe=bool(routed) and mode != "mla", mla=False):
+            log.warning("%s: override %s: %s", cfg.model, other.name, note)
     params.bind(identity)  # atomic and idempotent: every rank checks for itself, all refuse alike
     for stale in remove_stale_temps(params.path):  # only those of dead processes: concurrent jobs keep theirs
         log.info("removed %s, left by an interrupted run", stale.name)
@@ -251,7 +266,8 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                 # half the memory and every forward computes as with an fp32 copy
                 block = quantize_block(model.load_block(idx, stored_dtype=True), scheme, cfg.ignore, cfg.lwc,
                                        cfg.lac, rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
-                                       smooth_dtype=norm_dtype(model.reader))
+                                       smooth_dtype=norm_dtype(model.reader), targets=targets,
+                                       prefix=model.family.block_prefix(idx))
                 promote_unquantized(block, model.dtype)
                 if params.is_done(idx):  # sequential rerun: reuse the finished block to move the inputs on
                     load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
@@ -269,7 +285,8 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
                 del block
             else:
                 job = SubBlockJob(model, scheme, tuple(cfg.ignore), cfg.lwc, cfg.lac, cfg.fit_options, xs, n, cos, sin,
-                                  cfg.min_expert_tokens, cfg.learn_rounding, cfg.loss)
+                                  cfg.min_expert_tokens, cfg.learn_rounding, cfg.loss, targets,
+                                  model.family.block_prefix(idx))
                 state, record = (train_attention if mode == "mla" else train_mlp)(idx, job, label)
                 _save(params, idx, state, record, cfg, scheme, n, seq, start)
     finally:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
-from ..quantization import KVQuantizer, QuantLinear, QuantScheme, Workspace
+from ..quantization import KVQuantizer, QuantLinear, QuantScheme, TargetSchemes, Workspace
 from ..quantization.smoothing import Smoother
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
 from .format import KV_SCALE_NAMES
@@ -191,16 +191,18 @@ class ExportPlan:
         quantized: Full names of the linears the scheme quantizes.
         kept: Full names of the linears left in high precision (``lm_head`` included).
         check: Full names of the linears to verify while they are written (default: all quantized).
+        schemes: The scheme of each quantized linear, by full name.
     """
 
     units: list[tuple[str, Entry]] = field(default_factory=list)
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     check: set[str] = field(default_factory=set)
+    schemes: dict[str, QuantScheme] = field(default_factory=dict)
 
 
 def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], transform: BlockTransform,
-                smooth: torch.dtype | None = None) -> ExportPlan:
+                smooth: torch.dtype | None = None, targets: TargetSchemes | None = None) -> ExportPlan:
     """Every unit of a quantized deploy, with the tensors it makes; every block is built on the meta device.
 
     Args:
@@ -209,6 +211,7 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         ignore: Module-name patterns kept in high precision.
         transform: ``(idx, block) -> quantized block`` (learned params or round-to-nearest).
         smooth: the dtype of the transform's smoothers (the norm weights and biases they rewrite); None: none.
+        targets: the per-target schemes the transform applies (None: ``scheme`` for every linear).
 
     Raises:
         ValueError: Naming the layer a scheme cannot take.
@@ -223,10 +226,12 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         prefix = family.block_prefix(idx)
         with torch.device("meta"):
             block = quantize_block(family.build_block(model.config, idx), scheme, ignore, False, False,
-                                   smooth=smooth is not None, smooth_dtype=smooth or torch.bfloat16)
+                                   smooth=smooth is not None, smooth_dtype=smooth or torch.bfloat16,
+                                   targets=targets, prefix=prefix)
         for name, module in block.named_modules():
             if isinstance(module, QuantLinear):
                 plan.quantized.append(prefix + name)
+                plan.schemes[prefix + name] = module.scheme
             elif isinstance(module, nn.Linear) or _is_router(module):
                 plan.kept.append(prefix + name)
         block_specs.append(_specs(block_entries(block, prefix, reader)))

@@ -1,9 +1,12 @@
 """The compressed-tensors checkpoint format, as vLLM and ``transformers`` read it.
 
-One config group targets every ``Linear``; the modules left in high precision are
-listed by their full names in ``ignore`` (``re:`` regexes are understood when
-reading, as compressed-tensors matches them: ``re.match`` on the full name, any
-other entry an exact name). Per quantized linear ``N``:
+One config group (``group_0``) targets every ``Linear`` with the model's scheme; when
+per-target overrides give some linears another scheme (a recipe's ``overrides``), each
+other scheme is one more group (``group_1``, ...) that lists the full names of its
+linears, which both compressed-tensors and vLLM match before a class name. The modules
+left in high precision are listed by their full names in ``ignore`` (``re:`` regexes
+are understood when reading, as compressed-tensors matches them: ``re.match`` on the
+full name, any other entry an exact name). Per quantized linear ``N``:
 
 - W8 (``int-quantized``): ``N.weight`` int8 ``[out, in]`` and ``N.weight_scale``
   fp32 ``[out, 1]``;
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quantization import QuantScheme, get_scheme, unpack_int4
+from ..quantization import QuantScheme, SchemeOverride, TargetSchemes, get_scheme, unpack_int4
 from ..utils.checkpoint import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
@@ -74,28 +77,44 @@ def _kv_args(scheme: QuantScheme) -> dict | None:
             "symmetric": True, "dynamic": False, "strategy": "tensor", "group_size": None}
 
 
-def quantization_config(scheme: QuantScheme, ignore: Iterable[str]) -> dict:
+def _group(scheme: QuantScheme, targets: list[str]) -> dict:
+    return {"targets": targets, "weights": _weight_args(scheme), "input_activations": _input_args(scheme),
+            "output_activations": None, "format": FORMAT_BY_BITS[scheme.w_bits]}
+
+
+def quantization_config(scheme: QuantScheme, ignore: Iterable[str],
+                        linear_schemes: Mapping[str, QuantScheme] | None = None) -> dict:
     """The ``quantization_config`` entry of ``config.json`` for ``scheme``.
 
-    The format is also set on the config group: compressed-tensors would
+    The format is also set on each config group: compressed-tensors would
     otherwise infer ``int-quantized`` for W4A8 and expect unpacked int8 weights.
+    The top-level ``format`` is ``mixed-precision`` when the groups' formats differ.
 
     Args:
-        scheme: What was quantized.
+        scheme: What was quantized (group_0, targeting ``Linear``; its KV cache is the model's).
         ignore: Full names of the linear modules kept in high precision.
+        linear_schemes: The scheme of each quantized linear by full name, when some differ from ``scheme``:
+            each other scheme becomes a group listing its linears.
 
     Returns:
         A JSON-ready dict.
     """
-    fmt = FORMAT_BY_BITS[scheme.w_bits]
+    groups = {"group_0": _group(scheme, ["Linear"])}
+    others: dict[QuantScheme, list[str]] = {}
+    for name, own in sorted((linear_schemes or {}).items()):
+        if own != scheme:
+            others.setdefault(own, []).append(name)
+    for i, (own, names) in enumerate(others.items(), start=1):
+        if (own.kv_bits, own.kv_format) != (scheme.kv_bits, scheme.kv_format):
+            raise ValueError(f"{names[0]}: {own.name} has another KV cache than {scheme.name}; the KV cache is one "
+                             "scheme for the model")
+        groups[f"group_{i}"] = _group(own, names)
+    formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": QUANT_METHOD,
-        "format": fmt,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": _weight_args(scheme),
-                        "input_activations": _input_args(scheme), "output_activations": None, "format": fmt},
-        },
+        "config_groups": groups,
         "kv_cache_scheme": _kv_args(scheme),
         "ignore": sorted(ignore),
         "global_compression_ratio": None,
@@ -109,17 +128,51 @@ def ignore_match(name: str, ignore: Iterable[str]) -> bool:
     return any(re.match(p[3:], name) is not None if p.startswith("re:") else p == name for p in ignore)
 
 
+def _group_scheme(group: Mapping, kv: Mapping | None, where: str) -> QuantScheme:
+    """The scheme of one config group (the KV cache is the config's ``kv_cache_scheme``).
+
+    Raises:
+        CheckpointError: When the group is not one we deploy (naming the field that differs).
+    """
+    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+    w_bits = weights.get("num_bits")
+    if w_bits not in FORMAT_BY_BITS:
+        raise CheckpointError(f"{where}: weights of {w_bits} bits are not supported; use 4 or 8")
+    act = "dynamic" if acts.get("dynamic") else "static"
+    name = f"w{w_bits}a8c{'16' if kv is None else '8'}"
+    try:
+        scheme = get_scheme(name, act, "fp8" if kv is None or kv.get("type") == "float" else "int8",
+                            weights.get("group_size") if weights.get("strategy") == "group" else None,
+                            "fp8" if acts.get("type") == "float" else "int8")
+    except ValueError as err:
+        raise CheckpointError(f"{where}: unsupported quantization_config: {err}") from err
+    want_group, want_kv = _group(scheme, []), _kv_args(scheme)
+    diff = [] if group.get("format") == want_group["format"] else [
+        f"format: {group.get('format')!r}, expected {want_group['format']!r}"]
+    for part, expected, got in (("weights", want_group["weights"], weights),
+                                ("input_activations", want_group["input_activations"], acts),
+                                ("kv_cache_scheme", want_kv or {}, kv or {})):
+        diff += [f"{part}.{k}: {got.get(k, _ARG_DEFAULTS.get(k))!r}, expected {v!r}"
+                 for k, v in expected.items() if got.get(k, _ARG_DEFAULTS.get(k)) != v]
+    if diff:
+        raise CheckpointError(f"{where} differs from {scheme.name} as deployed here: {'; '.join(diff)}")
+    return scheme
+
+
 @dataclass(frozen=True)
 class DeployedFormat:
     """What a compressed-tensors checkpoint of ours holds, parsed from ``config.json``.
 
     Attributes:
-        scheme: The quantization scheme.
+        scheme: The quantization scheme of the group that targets ``Linear`` (the model's; its KV cache is the
+            checkpoint's ``kv_cache_scheme``).
         ignore: The ``ignore`` list (full module names or ``re:`` regexes).
+        overrides: The other config groups, in order: their targets and scheme.
     """
 
     scheme: QuantScheme
     ignore: tuple[str, ...]
+    overrides: tuple[SchemeOverride, ...] = ()
 
     @classmethod
     def from_config(cls, config: Mapping) -> DeployedFormat:
@@ -132,34 +185,28 @@ class DeployedFormat:
         qcfg = config.get("quantization_config") or {}
         if qcfg.get("quant_method") != QUANT_METHOD:
             raise CheckpointError(f"quant_method is {qcfg.get('quant_method')!r}, not {QUANT_METHOD!r}")
-        groups = list((qcfg.get("config_groups") or {}).values())
-        if len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
-            raise CheckpointError(f"expected one config group targeting ['Linear'], got {qcfg.get('config_groups')}")
-        weights, acts = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-        w_bits = weights.get("num_bits")
-        if w_bits not in FORMAT_BY_BITS:
-            raise CheckpointError(f"weights of {w_bits} bits are not supported; use 4 or 8")
-        act = "dynamic" if acts.get("dynamic") else "static"
+        groups = dict(qcfg.get("config_groups") or {})
+        default = [k for k, g in groups.items() if g.get("targets") == ["Linear"]]
+        if len(default) != 1 or any("Linear" in g.get("targets", ()) for k, g in groups.items() if k != default[0]):
+            raise CheckpointError(f"expected one config group targeting ['Linear'] (and others naming their "
+                                  f"linears), got {qcfg.get('config_groups')}")
         kv = qcfg.get("kv_cache_scheme")
-        name = f"w{w_bits}a8c{'16' if kv is None else '8'}"
+        schemes = {}
+        for key, group in groups.items():
+            if not group.get("format"):  # compressed-tensors: a group without one takes the config's
+                group = {**group, "format": qcfg.get("format")}
+            schemes[key] = _group_scheme(group, kv, f"config_groups.{key}")
+        overrides = tuple(SchemeOverride(tuple(groups[k]["targets"]), schemes[k]) for k in groups if k != default[0])
         try:
-            scheme = get_scheme(name, act, "fp8" if kv is None or kv.get("type") == "float" else "int8",
-                                weights.get("group_size") if weights.get("strategy") == "group" else None,
-                                "fp8" if acts.get("type") == "float" else "int8")
+            TargetSchemes(schemes[default[0]], overrides)
         except ValueError as err:
-            raise CheckpointError(f"unsupported quantization_config: {err}") from err
-        want = quantization_config(scheme, ())
-        want_group = want["config_groups"]["group_0"]
-        diff = [] if (groups[0].get("format") or qcfg.get("format")) == want["format"] else [
-            f"format: {groups[0].get('format') or qcfg.get('format')!r}, expected {want['format']!r}"]
-        for part, expected, got in (("weights", want_group["weights"], weights),
-                                    ("input_activations", want_group["input_activations"], acts),
-                                    ("kv_cache_scheme", want["kv_cache_scheme"] or {}, kv or {})):
-            diff += [f"{part}.{k}: {got.get(k, _ARG_DEFAULTS.get(k))!r}, expected {v!r}"
-                     for k, v in expected.items() if got.get(k, _ARG_DEFAULTS.get(k)) != v]
-        if diff:
-            raise CheckpointError(f"quantization_config differs from {scheme.name} as deployed here: {'; '.join(diff)}")
-        return cls(scheme, tuple(qcfg.get("ignore") or ()))
+            raise CheckpointError(str(err)) from err
+        return cls(schemes[default[0]], tuple(qcfg.get("ignore") or ()), overrides)
+
+    @property
+    def targets(self) -> TargetSchemes:
+        """The scheme of every linear (compressed-tensors' matching: exact name, regex, class name)."""
+        return TargetSchemes(self.scheme, self.overrides)
 
     def is_ignored(self, name: str) -> bool:
         """Whether the linear with full name ``name`` was left in high precision."""

@@ -99,24 +99,26 @@ def load_deployed_block(model: StreamingModel, idx: int) -> nn.Module:
             block's tensors do not match it.
     """
     fmt = DeployedFormat.from_config(model.reader.config)
-    scheme = fmt.scheme
+    scheme, targets = fmt.scheme, fmt.targets if fmt.overrides else None
     prefix = model.family.block_prefix(idx)
     where = f"block {idx} ({prefix}*) of {model.reader.model_dir}"
     stored = {k: v for k, v in model.reader.read_prefix(prefix).items() if not k.endswith(_IGNORED_SUFFIXES)}
     with torch.device("meta"):
         block = model.family.build_block(model.config, idx)
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    ignored = [n for n in linears if fmt.is_ignored(prefix + n)]
+    own = {n: None if fmt.is_ignored(prefix + n) else fmt.targets.scheme_for(prefix + n) for n in linears}
+    ignored = [n for n in linears if own[n] is None]
     codes: dict[str, tuple[Tensor, Tensor]] = {}
     input_scales: dict[str, Tensor] = {}
     for name in linears:
-        if name in ignored:
+        linear_scheme = own[name]
+        if linear_scheme is None:
             continue
-        codes[name] = weight_codes(stored, name + ".", scheme.w_bits, where)
-        for tensor_name in WEIGHT_NAMES[scheme.w_bits]:
+        codes[name] = weight_codes(stored, name + ".", linear_scheme.w_bits, where)
+        for tensor_name in WEIGHT_NAMES[linear_scheme.w_bits]:
             del stored[f"{name}.{tensor_name}"]
         stored[name + ".weight"] = dequantize_codes(*codes[name])
-        if scheme.act_mode == "static":
+        if linear_scheme.act_mode == "static":
             input_scales[name] = _take(stored, name + ".input_scale", where)
     kv_scales = {}
     if scheme.kv_bits is not None:
@@ -136,7 +138,7 @@ def load_deployed_block(model: StreamingModel, idx: int) -> nn.Module:
     for key, tensor in stored.items():
         check_tensor(model.reader.model_dir, prefix + key, tensor, expected[key])
     block.load_state_dict({k: v.to(model.device, model.dtype) for k, v in stored.items()}, assign=True)
-    quantize_block(block, scheme, ignored, lwc=False, lac=False)
+    quantize_block(block, scheme, ignored, lwc=False, lac=False, targets=targets, prefix=prefix)
     for name, linear in block.named_modules():
         if name in input_scales:
             linear.input_quantizer = StoredActQuantizer(input_scales[name].to(model.device))

@@ -22,7 +22,7 @@ from ..calibrator.params import open_params, smooth_dtype
 from ..calibrator.quant_block import quantize_block
 from ..models.registry import UnsupportedModelError, get_family
 from ..models.streaming import BlockTransform, StreamingModel
-from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
+from ..quantization import DEFAULT_IGNORE, QuantScheme, TargetSchemes, get_scheme, scheme_names, serving_notes
 from ..quantization.fp8_block import Fp8BlockConfig
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json
@@ -178,8 +178,9 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantScheme, list[str], BlockTransform, dict]:
-    """The scheme, ignore patterns, quantizing transform and param identity of a quantized deploy.
+def resolve_scheme(cfg: DeployConfig, model: StreamingModel
+                   ) -> tuple[QuantScheme, list[str], BlockTransform, dict, TargetSchemes | None]:
+    """The scheme, ignore patterns, quantizing transform, param identity and per-target schemes of a deploy.
 
     The transform is :meth:`ParamDir.block_transform`, the one the fake-quant
     evaluation uses, without the freeze: ``get_qparams()`` quantizes each weight
@@ -205,7 +206,7 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
         def rtn(idx: int, block: nn.Module) -> nn.Module:
             return quantize_block(block, scheme, DEFAULT_IGNORE, lwc=False, lac=False)
 
-        return scheme, list(DEFAULT_IGNORE), rtn, {}
+        return scheme, list(DEFAULT_IGNORE), rtn, {}, None
     identity, scheme = params.identity(), params.scheme()
     asked = {"quant_type": (cfg.quant_type, scheme.name), "act": (cfg.act, scheme.act_mode),
              "kv_format": (cfg.kv_format, scheme.kv_format), "act_format": (cfg.act_format, scheme.act_format),
@@ -220,7 +221,7 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel) -> tuple[QuantSchem
     learned = params.block_transform(model.num_blocks, frozen=False)  # refuses a param dir with blocks missing
     files = {f"{i}/{p.name}": [p.stat().st_size, p.stat().st_mtime_ns] for i, d in enumerate(params.paths)
              for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}
+    return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}, params.target_schemes()
 
 
 def _identity(cfg: DeployConfig, reader: CheckpointReader, extra: dict) -> dict:
@@ -288,8 +289,9 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
         model = StreamingModel(source, device="cpu", dtype=storage_dtype(reader))
         if model.deployed:
             raise DeployError(f"{source} is already a compressed-tensors checkpoint; deploy from the FP model")
-        scheme, ignore, transform, params = resolve_scheme(cfg, model)
-        plan = plan_export(model, scheme, ignore, transform, smooth=smooth_dtype(params.get("run", {})))
+        scheme, ignore, transform, params, targets = resolve_scheme(cfg, model)
+        plan = plan_export(model, scheme, ignore, transform, smooth=smooth_dtype(params.get("run", {})),
+                           targets=targets)
         to_verify = plan.quantized
         plan.check = set(sample(to_verify, cfg.verify_samples, cfg.seed))
         staged = StagedOutput(cfg.output_weight_path, _identity(cfg, model.reader, params), cfg.overwrite)
@@ -297,7 +299,7 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
             return staged, reader, scheme, to_verify
         export_units(plan.units, staged, parse_size(cfg.max_shard_size))
         config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
-        config["quantization_config"] = quantization_config(scheme, plan.kept)
+        config["quantization_config"] = quantization_config(scheme, plan.kept, plan.schemes if targets else None)
     atomic_write_text(staged.partial / "config.json", json.dumps(config, indent=2) + "\n")
     staged.copy_side_files(source)
     return staged, reader, scheme, to_verify

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cores.quantization.quantizers import ActQuantizer, Quantizer, QuantState, WeightQuantizer
-from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, matches
+from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, TargetSchemes, matches
 from cores.quantization.smoothing import Smoother
 
 
@@ -67,6 +67,7 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.state = QuantState.FLOAT
+        self.scheme: QuantScheme | None = None  # the scheme it was built from (set by quantize_linears)
         self.register_buffer("_frozen_codes", None, persistent=False)
         self.register_buffer("_frozen_scale", None, persistent=False)
         self.out_smooth: Smoother | None = None
@@ -218,6 +219,8 @@ def quantize_linears(
     lac: bool = True,
     rounding: bool = False,
     scope: str = "",
+    targets: TargetSchemes | None = None,
+    prefix: str = "",
 ) -> dict[str, QuantLinear]:
     """Replace, in place, every ``nn.Linear`` below ``module`` not matched by ``ignore``.
 
@@ -231,6 +234,9 @@ def quantize_linears(
         rounding: Learn a rounding offset per weight.
         scope: Only layers whose relative name starts with this prefix (e.g.
             ``"self_attn."``); names are still matched against ``ignore`` in full.
+        targets: Per-target schemes, matched on ``prefix + name`` (the full module name); ``scheme`` is then
+            only the default of ``targets`` (None: ``scheme`` for every layer).
+        prefix: ``module``'s full name followed by a dot (``model.layers.3.``), for ``targets``.
 
     Returns:
         The new layers by module-relative name, in ``FLOAT`` state.
@@ -239,17 +245,21 @@ def quantize_linears(
         ValueError: When a layer cannot take the scheme (e.g. the group size does
             not divide its input dim); the message names the layer.
     """
-    targets = [
+    found = [
         (name, child)
         for name, child in module.named_modules()
         if name.startswith(scope) and isinstance(child, nn.Linear) and not matches(name, ignore)
     ]
     replaced: dict[str, QuantLinear] = {}
-    for name, linear in targets:
+    for name, linear in found:
+        own = scheme if targets is None else targets.scheme_for(prefix + name)
+        if own is None:  # an override keeps it in high precision
+            continue
         try:
-            qlinear = QuantLinear.from_scheme(linear, scheme, lwc=lwc, lac=lac, rounding=rounding)
+            qlinear = QuantLinear.from_scheme(linear, own, lwc=lwc, lac=lac, rounding=rounding)
         except ValueError as err:
-            raise ValueError(f"cannot quantize {name!r} with {scheme.name}: {err}") from err
+            raise ValueError(f"cannot quantize {name!r} with {own.name}: {err}") from err
+        qlinear.scheme = own
         parent_name, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent_name), leaf, qlinear)
         replaced[name] = qlinear

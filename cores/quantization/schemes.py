@@ -248,3 +248,87 @@ register_scheme(QuantScheme("w8a8c16", 8, "channel", None, 8, "static", None, No
 register_scheme(QuantScheme("w8a8c8", 8, "channel", None, 8, "static", 8, "fp8"))
 register_scheme(QuantScheme("w4a8c16", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", None, None))
 register_scheme(QuantScheme("w4a8c8", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", 8, "fp8"))
+
+
+# ---- per-target schemes ----------------------------------------------------------------------------------------
+
+def target_match_rank(name: str, class_name: str, target: str) -> int | None:
+    """How specifically ``target`` matches the module ``name`` of class ``class_name`` (compressed-tensors order).
+
+    Returns:
+        0 for an exact name, 1 for a ``re:`` regex (``re.match`` on the full name), 2 for a class name; None when
+        it does not match.
+    """
+    if target.startswith("re:"):
+        return 1 if re.match(target[3:], name) else None
+    if target == name:
+        return 0
+    return 2 if target == class_name else None
+
+
+@dataclass(frozen=True)
+class SchemeOverride:
+    """Linears quantized with another scheme than the model's (one ``config_groups`` entry when deployed).
+
+    Attributes:
+        targets: Full module names, ``re:<regex>`` (``re.match`` on the full name) or class names.
+        scheme: The scheme of those linears; None keeps them in high precision.
+    """
+
+    targets: tuple[str, ...]
+    scheme: QuantScheme | None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (a param dir's ``run.json``)."""
+        from dataclasses import asdict
+
+        return {"targets": list(self.targets), "scheme": None if self.scheme is None else asdict(self.scheme)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SchemeOverride:
+        return cls(tuple(data["targets"]), None if data["scheme"] is None else QuantScheme(**data["scheme"]))
+
+
+@dataclass(frozen=True)
+class TargetSchemes:
+    """The scheme of every linear of a model: a default and per-target overrides.
+
+    A linear takes the scheme of the override whose target matches it most specifically, as compressed-tensors
+    picks among config groups: an exact name before a regex before a class name, then the first override in
+    order; a linear no override matches takes ``default``.
+
+    The KV cache is one scheme for the model (``kv_cache_scheme``): overrides must keep the default's.
+
+    Attributes:
+        default: The model's scheme.
+        overrides: Per-target schemes, in order.
+
+    Raises:
+        ValueError: When an override's KV cache differs from the default's.
+    """
+
+    default: QuantScheme
+    overrides: tuple[SchemeOverride, ...] = ()
+
+    def __post_init__(self) -> None:
+        for o in self.overrides:
+            if o.scheme is not None and (o.scheme.kv_bits, o.scheme.kv_format) != (self.default.kv_bits,
+                                                                                   self.default.kv_format):
+                raise ValueError(f"override {list(o.targets)}: {o.scheme.name} caches KV as "
+                                 f"{o.scheme.kv_format or 'bf16'} but the model's scheme {self.default.name} as "
+                                 f"{self.default.kv_format or 'bf16'}: the KV cache is one scheme for the model")
+
+    def scheme_for(self, name: str, class_name: str = "Linear") -> QuantScheme | None:
+        """The scheme of the linear with full name ``name`` (None: kept in high precision by an override)."""
+        best: tuple[int, int] | None = None
+        for i, o in enumerate(self.overrides):
+            ranks = [r for t in o.targets if (r := target_match_rank(name, class_name, t)) is not None]
+            if ranks and (best is None or (min(ranks), i) < best):
+                best = (min(ranks), i)
+        return self.default if best is None else self.overrides[best[1]].scheme
+
+    def schemes(self) -> list[QuantScheme]:
+        """The distinct schemes, the default first."""
+        out = [self.default]
+        out += [o.scheme for o in self.overrides if o.scheme is not None and o.scheme not in out]
+        return out

@@ -26,6 +26,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..quantization import TargetSchemes
 from .schema import Recipe, RecipeError, check_against_model, load_recipe
 from .select import builtin_path, recipe_name_for
 
@@ -83,8 +84,7 @@ def resolve_recipe(cfg: FlowConfig) -> Recipe:
     recipe = load_recipe(path)
     check_against_model(recipe, model.config, model.family)
     if recipe.overrides:
-        raise RecipeError(f"{recipe.overrides[0].where}: overrides are validated but not deployed yet (the deploy "
-                          "writes one config group); keep whole layers in BF16 with bf16_layers instead")
+        _check_overrides(recipe, model)
     if recipe.bf16_layers and recipe.quant_scheme().kv_bits is not None and recipe.training.get("smooth", None) \
             is not False and not recipe.training.get("rtn", False):
         raise RecipeError(f"{recipe.bf16_where[recipe.bf16_layers[0]]}: bf16_layers with an 8-bit KV cache need "
@@ -93,6 +93,28 @@ def resolve_recipe(cfg: FlowConfig) -> Recipe:
     if cfg.mix_path and not recipe.bf16_layers:
         raise RecipeError(f"{path}: --mix_path given but the recipe keeps no bf16_layers")
     return recipe
+
+
+def _check_overrides(recipe: Recipe, model) -> None:
+    """Build every block's linears on meta with the recipe's per-target schemes, so that a fused group split
+    between schemes (q/k/v, gate/up) or a group size that does not fit is refused before anything runs.
+
+    Raises:
+        RecipeError: Naming the first override's line and the problem.
+    """
+    import torch
+
+    from ..calibrator.quant_block import quantize_block
+
+    targets = TargetSchemes(recipe.quant_scheme(), recipe.override_schemes())
+    for idx in range(model.num_blocks):
+        with torch.device("meta"):
+            block = model.family.build_block(model.config, idx)
+            try:
+                quantize_block(block, targets.default, recipe.block_ignore(), False, False, targets=targets,
+                               prefix=model.family.block_prefix(idx))
+            except ValueError as err:
+                raise RecipeError(f"{recipe.overrides[0].where}: overrides: {err}") from None
 
 
 def _eval(model: str, out: Path, cfg: FlowConfig) -> float:

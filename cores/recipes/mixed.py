@@ -169,6 +169,12 @@ def restore_bf16_layers(deployed_dir: str | Path, source_dir: str | Path, layers
         config = json.loads(json.dumps(deployed.config))
         qcfg = config["quantization_config"]
         qcfg["ignore"] = sorted(set(qcfg.get("ignore") or ()) | set(restored_linears))
+        restored = set(restored_linears)
+        for key, group in list(qcfg.get("config_groups", {}).items()):  # groups that name their linears
+            if group.get("targets") != ["Linear"]:
+                group["targets"] = [t for t in group["targets"] if t not in restored]
+                if not group["targets"]:
+                    del qcfg["config_groups"][key]
         atomic_write_text(staged.partial / "config.json", json.dumps(config, indent=2) + "\n")
         staged.copy_side_files(deployed.model_dir)
         old = load_json(deployed.model_dir / REPORT_NAME, DeployError, "Deploy the checkpoint again.")

@@ -11,11 +11,14 @@ A recipe says, for one model, what to quantize and how (``version: 1``)::
       group_size: 64          # W4 schemes
     ignore:                   # kept in high precision (compressed-tensors semantics):
       - lm_head               #   an exact module name,
-      - "re:.*mlp\\.gate$"    #   "re:<regex>" matched (re.match) against the full module name,
+      - 're:.*mlp\\.gate$'    #   "re:<regex>" matched (re.match) against the full module name,
       - Embedding             #   or a module class name
-    overrides:                # targets -> another scheme and / or activation mode
-      - targets: ["re:.*down_proj$"]
+    overrides:                # targets -> another scheme / activation mode / W4 group size, each deployed
+      - targets: ["re:.*down_proj$"]   # as a config group of its own
         act: static
+      - targets: ['re:model\\.layers\\.2[0-9]\\.mlp\\..*']   # single quotes: backslashes as written
+        scheme: w4a8c8
+        group_size: 64
     bf16_layers: ["22", "28-29"]   # decoder layers kept whole in BF16 (mixed precision)
     training:                 # options of main.py (cores.calibrator.trainer.TrainConfig)
       epochs: 5
@@ -35,15 +38,15 @@ from typing import Any
 
 import yaml
 
-from ..quantization import get_scheme, scheme_names
+from ..quantization import SchemeOverride, TargetSchemes, get_scheme, scheme_names
 
 RECIPE_VERSION = 1
 BF16 = "bfloat16"
 ACT_MODES = ("static", "dynamic")
 _OPTION_KEYS = ("act", "kv_format", "act_format", "group_size")
 _TOP_KEYS = ("version", "scheme", "options", "ignore", "overrides", "bf16_layers", "training")
-_OVERRIDE_KEYS = ("targets", "scheme", "act")
-TRAINING_RESERVED = ("model", "data_dir", "output_dir", "device", "scheme", "ignore", *_OPTION_KEYS)
+_OVERRIDE_KEYS = ("targets", "scheme", "act", "group_size")
+TRAINING_RESERVED = ("model", "data_dir", "output_dir", "device", "scheme", "ignore", "overrides", *_OPTION_KEYS)
 """``TrainConfig`` fields a recipe's ``training`` may not set: paths and the device come from the command
 line, the scheme, its options and the ignore list from the recipe's own keys."""
 
@@ -89,6 +92,8 @@ class Override:
         targets: What it applies to.
         scheme: Another registered scheme, ``bfloat16`` (kept in high precision), or None (same scheme).
         act: Another activation mode, or None.
+        group_size: The group size of a W4 override (None: the recipe's ``options.group_size`` when its scheme
+            is W4 too, else 128).
         where: Its line.
     """
 
@@ -96,6 +101,7 @@ class Override:
     scheme: str | None
     act: str | None
     where: Where
+    group_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,33 @@ class Recipe:
         return get_scheme(self.scheme, o.get("act", "dynamic"), o.get("kv_format", "fp8"), o.get("group_size"),
                           o.get("act_format", "int8"))
 
+    def override_schemes(self) -> tuple[SchemeOverride, ...]:
+        """The overrides as schemes: each takes the recipe's options, its own ``scheme`` and ``act`` replacing
+        theirs (``group_size`` applies to a W4 override only; ``act_format`` fp8 to a dynamic W4 one).
+
+        Raises:
+            RecipeError: Naming the line of an override whose scheme cannot take the options, or whose KV cache
+                differs from the recipe's scheme (the KV cache is one scheme for the model).
+        """
+        base, out = self.quant_scheme(), []
+        for o in self.overrides:
+            patterns = tuple(t.pattern for t in o.targets)
+            if o.scheme == BF16:
+                out.append(SchemeOverride(patterns, None))
+                continue
+            name = o.scheme or self.scheme
+            act = o.act or base.act_mode
+            w4 = get_scheme(name).w_bits == 4
+            fmt = base.act_format if w4 and act == "dynamic" else "int8"
+            group = o.group_size or (self.options.get("group_size") if w4 and base.w_bits == 4 else None)
+            try:
+                scheme = get_scheme(name, act, base.kv_format or "fp8", group, fmt)
+                TargetSchemes(base, (SchemeOverride(patterns, scheme),))
+            except ValueError as err:
+                raise RecipeError(f"{o.where}: override {name} act {act}: {err}") from None
+            out.append(SchemeOverride(patterns, scheme))
+        return tuple(out)
+
     def ignore_patterns(self) -> list[str]:
         """The ``ignore`` entries as written."""
         return [t.pattern for t in self.ignore]
@@ -155,7 +188,8 @@ class Recipe:
 
     def train_options(self) -> dict[str, Any]:
         """``TrainConfig`` fields from the recipe: scheme, options, block ignore list and ``training``."""
-        return {"scheme": self.scheme, **self.options, "ignore": self.block_ignore(), **self.training}
+        overrides = {"overrides": self.override_schemes()} if self.overrides else {}
+        return {"scheme": self.scheme, **self.options, "ignore": self.block_ignore(), **overrides, **self.training}
 
 
 def parse_layer_ranges(items: Iterable[Any], where: Where | None = None) -> list[int]:
@@ -271,7 +305,7 @@ def _training(file: str, node: yaml.Node) -> dict[str, Any]:
     for key, (key_node, value_node) in _mapping(file, node, "training", None).items():
         if key in TRAINING_RESERVED:
             home = ("the command line" if key in ("model", "data_dir", "output_dir", "device")
-                    else f"the recipe's top-level {key if key in ('scheme', 'ignore') else 'options'}")
+                    else f"the recipe's top-level {key if key in ('scheme', 'ignore', 'overrides') else 'options'}")
             raise RecipeError(f"{_where(file, key_node)}: training.{key} is not set here; it comes from {home}")
         if key not in fields:
             raise RecipeError(f"{_where(file, key_node)}: unknown key {key!r} in training; valid: {', '.join(fields)}")
@@ -295,8 +329,8 @@ def _overrides(file: str, node: yaml.Node) -> tuple[Override, ...]:
         where = _where(file, item)
         if "targets" not in keys:
             raise RecipeError(f"{where}: an override needs targets")
-        if "scheme" not in keys and "act" not in keys:
-            raise RecipeError(f"{where}: an override needs a scheme or an act to change")
+        if "scheme" not in keys and "act" not in keys and "group_size" not in keys:
+            raise RecipeError(f"{where}: an override needs a scheme, an act or a group_size to change")
         scheme = _check_scheme(file, keys["scheme"][1], "override scheme", True) if "scheme" in keys else None
         act = None
         if "act" in keys:
@@ -306,7 +340,13 @@ def _overrides(file: str, node: yaml.Node) -> tuple[Override, ...]:
                                   f"{', '.join(ACT_MODES)}")
             if scheme == BF16:
                 raise RecipeError(f"{_where(file, keys['act'][1])}: a bfloat16 override has no activation mode")
-        out.append(Override(_targets(file, keys["targets"][1], "override targets"), scheme, act, where))
+        group = None
+        if "group_size" in keys:
+            group = _scalar(file, keys["group_size"][1], "override group_size")
+            if scheme == BF16 or isinstance(group, bool) or not isinstance(group, int) or group < 1:
+                raise RecipeError(f"{_where(file, keys['group_size'][1])}: override group_size {group!r} must be a "
+                                  "positive integer, for a W4 scheme")
+        out.append(Override(_targets(file, keys["targets"][1], "override targets"), scheme, act, where, group))
     return tuple(out)
 
 
@@ -356,6 +396,7 @@ def parse_recipe(text: str, file: str = "<string>") -> Recipe:
     except ValueError as err:
         line = keys["options"][0].start_mark.line + 1 if "options" in keys else keys["scheme"][0].start_mark.line + 1
         raise RecipeError(f"{file}:{line}: scheme {scheme} with options {options}: {err}") from None
+    recipe.override_schemes()
     return recipe
 
 

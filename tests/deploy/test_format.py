@@ -66,3 +66,41 @@ def test_compressed_tensors_decompresses_our_tensors_to_our_weights(name):
     ours = dequantize_codes(*weight_codes(qparams, "", scheme.w_bits))
     assert theirs.dtype == torch.float32 and torch.equal(theirs, ours)
     assert torch.equal(ours, quantizer.fake_quant(weight))  # and that is the fake-quant weight
+
+
+def test_per_target_groups_round_trip():
+    """Linears with another scheme than the model's become a group of their own, listing their full names."""
+    base = get_scheme("w8a8c8", "dynamic")
+    static = get_scheme("w8a8c8", "static")
+    w4 = get_scheme("w4a8c8", "dynamic", group_size=64)
+    names = {"model.layers.0.mlp.down_proj": static, "model.layers.1.mlp.down_proj": static,
+             "model.layers.0.mlp.up_proj": base, "model.layers.1.mlp.up_proj": w4, "model.layers.1.mlp.gate_proj": w4}
+    qcfg = quantization_config(base, ["lm_head"], names)
+    groups = qcfg["config_groups"]
+    assert list(groups) == ["group_0", "group_1", "group_2"] and qcfg["format"] == "mixed-precision"
+    assert groups["group_0"]["targets"] == ["Linear"]
+    assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert groups["group_2"]["targets"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert groups["group_2"]["format"] == "pack-quantized"
+    parsed = QuantizationConfig.model_validate(qcfg)  # compressed-tensors accepts the groups
+    assert set(parsed.config_groups) == set(groups)
+    fmt = DeployedFormat.from_config({"quantization_config": qcfg})
+    assert fmt.scheme == base
+    for name, scheme in names.items():
+        assert fmt.targets.scheme_for(name) == scheme
+    assert fmt.targets.scheme_for("model.layers.5.self_attn.q_proj") == base
+    assert quantization_config(base, [], {n: base for n in names}) == quantization_config(base, [])  # one group
+
+
+def test_per_target_groups_keep_one_kv_cache():
+    from cores.quantization import SchemeOverride, TargetSchemes
+
+    with pytest.raises(ValueError, match="the KV cache is one scheme"):
+        TargetSchemes(get_scheme("w8a8c8"), (SchemeOverride(("x",), get_scheme("w8a8c16")),))
+    targets = TargetSchemes(get_scheme("w8a8c8", "dynamic"), (
+        SchemeOverride((r"re:.*\.mlp\..*",), get_scheme("w8a8c8", "static")),
+        SchemeOverride(("model.layers.1.mlp.down_proj",), None)))
+    # compressed-tensors' order: an exact name before a regex, whatever the order of the overrides
+    assert targets.scheme_for("model.layers.1.mlp.down_proj") is None
+    assert targets.scheme_for("model.layers.0.mlp.down_proj").act_mode == "static"
+    assert targets.scheme_for("model.layers.0.self_attn.o_proj").act_mode == "dynamic"

@@ -64,7 +64,7 @@ def test_good_recipe_parses():
     ("version: 1\nscheme: w8a8c8\ntraining:\n  model: x\n", "r.yaml:4", "the command line"),
     ("version: 1\nscheme: w8a8c8\noverrides:\n  - targets: [lm_head]\n    act: sometimes\n", "r.yaml:5",
      "override act"),
-    ("version: 1\nscheme: w8a8c8\noverrides:\n  - targets: [lm_head]\n", "r.yaml:4", "needs a scheme or an act"),
+    ("version: 1\nscheme: w8a8c8\noverrides:\n  - targets: [lm_head]\n", "r.yaml:4", "needs a scheme, an act or a group_size"),
     ("version: 1\nscheme: w4a8c8\noptions:\n  group_size: 12\n", "r.yaml:3", "group_size"),
     ("version: 1\nscheme: w8a8c8\nignore: [lm_head\n", "r.yaml:", "not valid YAML"),
 ])
@@ -240,8 +240,10 @@ def test_flow_refuses_what_it_cannot_deploy(tiny_deployed, tmp_path):
     src, _ = tiny_deployed
     cases = {
         "version: 1\nscheme: w8a8c8\nbf16_layers: ['1']\n": r"r\.yaml:3: bf16_layers with an 8-bit KV cache",
-        "version: 1\nscheme: w8a8c8\noverrides:\n  - targets: ['re:.*down_proj$']\n    act: static\n":
-            r"r\.yaml:4: overrides are validated but not deployed",
+        "version: 1\nscheme: w8a8c16\noverrides:\n  - targets: ['re:.*q_proj$']\n    act: static\n":
+            r"r\.yaml:4: overrides: .*one fused layer in vLLM",
+        "version: 1\nscheme: w8a8c16\noverrides:\n  - targets: ['re:.*down_proj$']\n    scheme: w4a8c8\n":
+            r"r\.yaml:4: override w4a8c8 .*the KV cache is one scheme",
     }
     for text, match in cases.items():
         (tmp_path / "r.yaml").write_text(text)
@@ -309,3 +311,57 @@ def test_quantize_cli_refuses_a_bad_recipe(tiny_deployed, tmp_path, caplog):
     assert quantize.main(["--model_path", str(src), "--save_path", str(tmp_path / "o"),
                           "--recipe", str(tmp_path / "r.yaml")]) == 2
     assert "r.yaml:3: bf16 layer 9 is out of range" in caplog.text
+
+
+OVERRIDES = """\
+version: 1
+scheme: w8a8c16
+options: {act: dynamic}
+ignore: [lm_head]
+overrides:
+  - targets: ['re:.*down_proj$']
+    act: static
+  - targets: ['re:model\\.layers\\.1\\.mlp\\.(gate|up)_proj$']
+    scheme: w4a8c16
+    group_size: 32
+bf16_layers: ['2']
+training: {rtn: true}
+"""
+
+
+def test_flow_deploys_per_target_schemes(tiny_deployed, tmp_path):
+    """Overrides train and deploy as config groups of their own; the deployed model computes the fake-quant one."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from cores.recipes.flow import FlowConfig, run_flow
+    from cores.utils.perplexity import PplConfig, evaluate_ppl
+
+    src, _ = tiny_deployed
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    (tmp_path / "r.yaml").write_text(OVERRIDES)
+    cfg = FlowConfig(model_path=str(src), save_path=str(tmp_path / "run"), recipe=str(tmp_path / "r.yaml"),
+                     calib_dataset=str(text), eval_dataset=str(text), n_samples=2, seq_len=16, eval_seq_len=16,
+                     eval_windows=2, eval_bf16=False)
+    out = run_flow(cfg)
+    qcfg = json.loads((tmp_path / "run" / "deployed" / "config.json").read_text())["quantization_config"]
+    groups = qcfg["config_groups"]
+    assert [g["targets"] for g in groups.values()] == [
+        ["Linear"], [f"model.layers.{i}.mlp.down_proj" for i in range(3)],
+        ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]]
+    assert groups["group_1"]["input_activations"]["dynamic"] is False and groups["group_2"]["weights"]["num_bits"] == 4
+    QuantizationConfig.model_validate(qcfg)
+    reader = CheckpointReader(tmp_path / "run" / "deployed")
+    assert "model.layers.0.mlp.down_proj.input_scale" in reader.keys
+    assert "model.layers.0.mlp.up_proj.input_scale" not in reader.keys
+    assert "model.layers.1.mlp.up_proj.weight_packed" in reader.keys
+    fake = evaluate_ppl(PplConfig(model=str(src), dataset=str(text), seq_len=16, max_windows=2,
+                                  param_dir=str(tmp_path / "run" / "params"))).ppl
+    assert abs(out["ppl"]["deployed"] / fake - 1) < 1e-6  # what was trained is what is shipped
+    block = StreamingModel(tmp_path / "run" / "deployed").load_block(1)
+    assert block.mlp.up_proj.weight_quantizer.bits == 4 and block.mlp.down_proj.input_quantizer.mode == "static"
+    mixed = json.loads((tmp_path / "run" / "mixed" / "config.json").read_text())["quantization_config"]
+    assert mixed["config_groups"]["group_1"]["targets"] == ["model.layers.0.mlp.down_proj",
+                                                            "model.layers.1.mlp.down_proj"]
+    QuantizationConfig.model_validate(mixed)
+    assert out["ppl"]["mixed"] > 0
