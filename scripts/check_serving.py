@@ -19,10 +19,13 @@ code is 3. The JSON also lists, per layer, the quant method, compressed-tensors 
 class vLLM picked (``layers``, counted in ``schemes``).
 
 vLLM refuses a prompt as long as ``max_model_len`` for generation, so the engine gets ``seq_len + 1``.
-Measured on vLLM's CPU build 0.32.0 (x86, AVX-512, no AMX): float32 and bfloat16 both run W8A8 int8
-(``CPUInt8ScaledMMLinearKernel``, oneDNN); its W4 kernel (``CPUWNA16LinearKernel``) runs bfloat16 /
-float16 only and does not quantize activations; its fp8 KV-cache write rounds toward zero (our C8
-rounds to nearest), and int8 activation codes are ``round(x * (1 / scale))``.
+Measured on vLLM's CPU build 0.32.0: W8A8 int8 runs on ``CPUInt8ScaledMMLinearKernel``, which on x86
+with AMX (``torch.cpu._is_amx_tile_supported()``, K a multiple of 32, N of 16) takes the sgl kernel
+``int8_scaled_mm_with_quant``, bfloat16 / float16 only: float32 is refused at the first forward ("expect
+A to be bfloat16 or half"); without AMX it takes oneDNN, which runs float32 and bfloat16 (``layers`` /
+``schemes`` name the path: ``sgl`` or ``onednn``). Its W4 kernel (``CPUWNA16LinearKernel``) runs
+bfloat16 / float16 only and does not quantize activations; its fp8 KV-cache write rounds toward zero
+(our C8 rounds to nearest), and int8 activation codes are ``round(x * (1 / scale))``.
 
 Runs with the vLLM venv (``bash scripts/setup_vllm.sh``):
 
@@ -62,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_windows", type=int, help="evaluate the first N windows (default: all)")
     p.add_argument("--output_json", help="write the result (or the refusal) here as JSON")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="vLLM compute dtype (default float32, the dtype of eval_ppl.py on CPU)")
+                   help="vLLM compute dtype (default float32, the dtype of eval_ppl.py on CPU; W8A8 int8 on an AMX "
+                        "CPU runs bfloat16 / float16 only)")
     p.add_argument("--kv_cache_dtype", default="follow",
                    help="follow (default: fp8 when the checkpoint has a kv_cache_scheme, else auto), or any "
                         "value vLLM takes (auto, fp8, fp8_e4m3, fp8_e5m2; a 16-bit cache of another dtype than "
@@ -100,6 +104,9 @@ def describe_modules(model) -> dict:
             kernel = getattr(scheme, "kernel", None)
             if kernel is not None:
                 entry["kernel"] = type(kernel).__name__
+                path = getattr(getattr(kernel, "linear_method", None), "__name__", None)
+                if path:  # CPUInt8ScaledMMLinearKernel: _apply_weights_sgl (AMX) or _apply_weights_onednn
+                    entry["kernel_path"] = path.removeprefix("_apply_weights_")
         layers[name] = entry
     return layers
 
@@ -107,7 +114,7 @@ def describe_modules(model) -> dict:
 def summarize(layers: dict) -> dict:
     """How many layers run under each (quant_method, scheme, kernel)."""
     counts = collections.Counter(
-        " / ".join(str(v) for v in (e.get("quant_method"), e.get("scheme"), e.get("kernel"),
+        " / ".join(str(v) for v in (e.get("quant_method"), e.get("scheme"), e.get("kernel"), e.get("kernel_path"),
                                     e.get("kv_cache_dtype") and f"kv cache {e['kv_cache_dtype']}") if v)
         for e in layers.values())
     return dict(sorted(counts.items()))

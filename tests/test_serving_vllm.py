@@ -3,9 +3,9 @@
 Needs ``.venv-vllm`` (``bash scripts/setup_vllm.sh``, a few minutes, ~3.6 GB); skipped without it.
 Deploys SmolLM2-135M round-to-nearest as W8A8 with dynamic per-token activations and a 16-bit KV
 cache, and compares vLLM's perplexity (``scripts/check_serving.py``: ``prompt_logprobs`` on token-id
-prompts) with our ``eval_ppl.py`` on the deployed folder, on the same 4 windows of 256 tokens; and the
-same for the ``--quant_type fp8`` (128x128 block) checkpoint, both in bfloat16; and a recipe's per-target
-overrides (two config groups) with two layers restored to BF16.
+prompts) with our ``eval_ppl.py`` on the deployed folder, on the same 16 windows of 512 tokens; the
+same for the ``--quant_type fp8`` (128x128 block) checkpoint on 4 windows of 256 tokens; and a recipe's
+per-target overrides (two config groups) with two layers restored to BF16; all in bfloat16.
 """
 
 from __future__ import annotations
@@ -43,12 +43,26 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=1800)
 
 
+W8A8_SEQ_LEN, W8A8_WINDOWS = 512, 16
+W8A8_TOLERANCE = 0.01  # 1 %: measured -0.27 % (bf16, 16 x 512); bf16 rounding flips alone move 4 x 256 by 2 %
+
+
 def test_vllm_ppl_matches_ours_on_deployed_w8a8(assets, vllm_python, tmp_path):
+    """W8A8 int8 with dynamic per-token activations, served by ``CompressedTensorsW8A8Int8`` on
+    ``CPUInt8ScaledMMLinearKernel``, against our ``eval_ppl.py``, both in bfloat16.
+
+    bfloat16 because on a CPU with AMX vLLM 0.32 runs these linears through the sgl kernel
+    ``int8_scaled_mm_with_quant``, which refuses float32 ("expect A to be bfloat16 or half"); without AMX
+    it takes oneDNN, which runs both. Measured on 16 x 512 tokens (AMX, sgl): vLLM 33.7903 vs ours
+    33.8807 (-0.27 %). On 4 x 256 tokens bf16 is too coarse to compare: vLLM 55.0040 (oneDNN 54.9115) vs
+    ours 56.2509 (-2.2 %), the unquantized model there -0.44 % (vLLM 54.0788 vs ours 54.3159), while in
+    float32 (oneDNN, forced) the same checkpoint gave vLLM 56.0854 vs ours 56.0943 (-0.02 %)."""
     deployed = tmp_path / "smollm2-w8a8c16"
     done = run([sys.executable, "deploy.py", "--input_weight_path", assets.model_dir, "--output_weight_path", deployed,
                 "--quant_type", "w8a8c16"])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    eval_args = ["--dataset", assets.eval_text, "--seq_len", SEQ_LEN, "--max_windows", WINDOWS]
+    eval_args = ["--dataset", assets.eval_text, "--seq_len", W8A8_SEQ_LEN, "--max_windows", W8A8_WINDOWS,
+                 "--dtype", "bfloat16"]
 
     ours_json = tmp_path / "ours.json"
     done = run([sys.executable, "eval_ppl.py", "--model", deployed, *eval_args, "--output_json", ours_json])
@@ -60,12 +74,14 @@ def test_vllm_ppl_matches_ours_on_deployed_w8a8(assets, vllm_python, tmp_path):
         served.get("refused") or (done.stdout[-2000:] + done.stderr[-3000:])
 
     ours = json.loads(ours_json.read_text())
-    assert served["tokens"] == ours["tokens"] == WINDOWS * (SEQ_LEN - 1)
-    assert any("CompressedTensorsW8A8Int8" in what for what in served["schemes"]), served["schemes"]
+    assert served["tokens"] == ours["tokens"] == W8A8_WINDOWS * (W8A8_SEQ_LEN - 1)
+    assert ours["dtype"] == "bfloat16" and served["served_dtype"] == "torch.bfloat16", (ours["dtype"], served)
+    int8 = {what: n for what, n in served["schemes"].items() if "CompressedTensorsW8A8Int8" in what}
+    assert sum(int8.values()) == 120 and all("CPUInt8ScaledMMLinearKernel" in what for what in int8), served["schemes"]
     assert served["kv_cache_dtype_used"] == "auto"
     diff = served["ppl"] / ours["ppl"] - 1
-    print(f"vLLM {served['vllm_version']} ppl {served['ppl']:.4f}, ours {ours['ppl']:.4f} ({diff:+.3%})")
-    assert abs(diff) < TOLERANCE, f"vLLM ppl {served['ppl']:.4f} vs ours {ours['ppl']:.4f} ({diff:+.3%})"
+    print(f"vLLM {served['vllm_version']} ppl {served['ppl']:.4f}, ours {ours['ppl']:.4f} ({diff:+.3%}; {int8})")
+    assert abs(diff) < W8A8_TOLERANCE, f"vLLM ppl {served['ppl']:.4f} vs ours {ours['ppl']:.4f} ({diff:+.3%})"
 
 
 def test_vllm_serves_the_fp8_block_checkpoint_as_our_loader_reads_it(assets, vllm_python, tmp_path):
