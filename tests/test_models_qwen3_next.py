@@ -99,7 +99,7 @@ def test_whole_model_nll_equals_reference(tiny):
 
 
 def test_shared_expert_gate_and_router_stay_unquantized(tiny):
-    from cores.calibrator.quant_block import quantize_block
+    from cores.quantization.block import quantize_block
     from cores.quantization import QuantLinear, get_scheme
 
     path, _ = tiny

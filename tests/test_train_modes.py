@@ -9,7 +9,7 @@ import eval_ppl
 import main as main_cli
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir, ParamDirError, ParamSet
-from cores.calibrator.quant_block import quantize_block
+from cores.quantization.block import quantize_block
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.models.streaming import StreamingModel
 from cores.quantization import STATIC_EXPERTS_UNSERVED, KVQuantizer, QuantState, get_scheme, set_quant_state

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibrator.quant_block import quantize_block
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import KVQuantizer, QuantLinear, QuantScheme, Workspace
+from ..quantization.block import quantize_block
 from ..quantization.smoothing import Smoother
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
 from .format import KV_SCALE_NAMES

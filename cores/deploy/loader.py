@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..calibrator.quant_block import quantize_block
+from ..quantization.block import quantize_block
 from ..models.streaming import DEPLOY_REPORT as REPORT_NAME
 from ..models.streaming import check_tensor
 from ..quantization import FP8_E4M3_MAX, ActQuantizer, KVQuantizer, QuantLinear, QuantState, set_quant_state

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..calibrator.params import open_params, smooth_dtype
-from ..calibrator.quant_block import quantize_block
 from ..models.registry import UnsupportedModelError, get_family
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, get_scheme, scheme_names, serving_notes
+from ..quantization.block import quantize_block
 from ..quantization.fp8_block import Fp8BlockConfig
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json
