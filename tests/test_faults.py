@@ -48,7 +48,7 @@ from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
-from cores.deploy.loader import check_deployed_files
+from cores.models.deployed import check_deployed_files
 from cores import cli
 from cores.utils.checkpoint import INDEX_NAME
 from cores.utils.io import is_temp

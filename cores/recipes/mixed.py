@@ -5,7 +5,7 @@ and writes a copy in which every tensor of the chosen layers is the source's (BF
 an FP8 source is dequantized), their quantized tensors (``weight`` codes,
 ``weight_scale``, ``weight_packed``, ``weight_shape``, ``input_scale``) dropped, and
 the full names of their linears added to ``quantization_config.ignore``, so that
-vLLM, SGLang and our loader (:mod:`cores.deploy.loader`) run them unquantized.
+vLLM, SGLang and our loader (:mod:`cores.models.deployed`) run them unquantized.
 
 Whole layers are restored, norms included: a deploy with learned smoothing folds
 scales into the norms and linears of a block, so a linear alone taken from the
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..deploy.format import WEIGHT_NAMES
 from ..deploy.writer import REPORT_NAME, DeployError, StagedOutput, TensorSpec
+from ..formats.compressed_tensors import WEIGHT_NAMES
 from ..models.registry import get_family
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json, temp_path

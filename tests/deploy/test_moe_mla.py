@@ -27,7 +27,7 @@ from cores.calibrator.params import ParamDir
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
 from cores.deploy.run import serving_warnings
-from cores.deploy.format import dequantize_codes, weight_codes
+from cores.formats.compressed_tensors import dequantize_codes, weight_codes
 from cores.models.streaming import StreamingModel
 from cores.quantization import MLA_KV_NOT_VLLM, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader
