@@ -18,10 +18,10 @@ from cores.models.streaming import StreamingModel
 from cores.quantization import QuantLinear
 from cores.recipes import (RecipeError, builtin_names, builtin_path, builtin_recipe, check_against_model,
                            format_layer_ranges, load_recipe, parse_layer_ranges, parse_recipe, recipe_name_for)
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer, tiny_config
 from cores.recipes.mixed import restore_bf16_layers
 from cores.recipes.sensitivity import SensitivityConfig, layer_sensitivity, recipe_yaml
 from cores.utils.checkpoint import CheckpointReader
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer, tiny_config
 
 
 def _script(name: str):
