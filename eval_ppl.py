@@ -13,8 +13,8 @@ import logging
 import sys
 
 from cores.cli import at_least, check_device, check_output_dir, check_output_file, run_main
+from cores.eval.perplexity import PplConfig, evaluate_ppl, write_result
 from cores.utils.logging import setup_logging
-from cores.utils.perplexity import PplConfig, evaluate_ppl, write_result
 
 log = logging.getLogger("eval_ppl")
 

@@ -27,9 +27,9 @@ import deploy as deploy_cli  # noqa: E402
 import eval_ppl  # noqa: E402
 import extract_calib_data  # noqa: E402
 import main as main_cli  # noqa: E402
+from blockptq_assets.assets import ensure_assets  # noqa: E402
+from blockptq_assets.tiny_trained import ensure_tiny_deepseek  # noqa: E402
 from cores.calibrator.params import ParamDir  # noqa: E402
-from cores.utils.assets import ensure_assets  # noqa: E402
-from cores.utils.tiny_trained import ensure_tiny_deepseek  # noqa: E402
 
 
 def _mib(folder: Path) -> float:

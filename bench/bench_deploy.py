@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import peak_rss_mib  # noqa: E402
+from blockptq_assets.tiny import fp8_twins, make_tiny_checkpoint  # noqa: E402
 from cores.deploy import DeployConfig, deploy  # noqa: E402
-from cores.utils.tiny import fp8_twins, make_tiny_checkpoint  # noqa: E402
 
 MB = 10**6
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import peak_rss_mib  # noqa: E402
 
+from blockptq_assets.assets import ensure_assets  # noqa: E402
+from blockptq_assets.tiny import make_tiny_checkpoint  # noqa: E402
 from cores.models.streaming import StreamingModel  # noqa: E402
-from cores.utils.assets import ensure_assets  # noqa: E402
 from cores.utils.data import load_text, ppl_windows  # noqa: E402
-from cores.utils.tiny import make_tiny_checkpoint  # noqa: E402
 
 HF_EVAL = """
 import math, sys, torch

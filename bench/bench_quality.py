@@ -41,10 +41,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from blockptq_assets.assets import Assets, ensure_assets  # noqa: E402
 from cores.calibrator.extract import ExtractConfig, extract_calibration  # noqa: E402
 from cores.calibrator.trainer import TrainConfig, run_training  # noqa: E402
-from cores.utils.assets import Assets, ensure_assets  # noqa: E402
-from cores.utils.perplexity import PplConfig, evaluate_ppl  # noqa: E402
+from cores.eval.perplexity import PplConfig, evaluate_ppl  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 SCHEMES = ("w8a8c16", "w8a8c8", "w4a8c16", "w4a8c8")

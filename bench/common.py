@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_SOURCE = ROOT / "assets" / "corpus" / "train.txt"

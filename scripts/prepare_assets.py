@@ -13,9 +13,12 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from cores.utils.assets import DEFAULT_ASSETS_DIR, AssetError, ensure_assets
-from cores.utils.logging import setup_logging
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # blockptq_assets is not installed
+
+from blockptq_assets.assets import DEFAULT_ASSETS_DIR, AssetError, ensure_assets  # noqa: E402
+from cores.utils.logging import setup_logging  # noqa: E402
 
 log = logging.getLogger("prepare_assets")
 

@@ -15,10 +15,13 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
-from cores.utils.assets import DEFAULT_ASSETS_DIR, AssetError
-from cores.utils.logging import setup_logging
-from cores.utils.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # blockptq_assets is not installed
+
+from blockptq_assets.assets import DEFAULT_ASSETS_DIR, AssetError  # noqa: E402
+from blockptq_assets.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek  # noqa: E402
+from cores.utils.logging import setup_logging  # noqa: E402
 
 log = logging.getLogger("train_tiny_deepseek")
 

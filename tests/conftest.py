@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cores.utils.assets import Assets, ensure_assets
-from cores.utils.tiny_trained import TinyDeepseek, ensure_tiny_deepseek
+from blockptq_assets.assets import Assets, ensure_assets
+from blockptq_assets.tiny_trained import TinyDeepseek, ensure_tiny_deepseek
 
 
 @pytest.fixture(scope="session")

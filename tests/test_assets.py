@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cores.utils.assets import SHAKESPEARE, build_corpus, clean_text, ensure_assets
+from blockptq_assets.assets import SHAKESPEARE, build_corpus, clean_text, ensure_assets
 from cores.utils.data import load_text
 
 

@@ -9,12 +9,12 @@ import torch
 import eval_ppl
 import extract_calib_data
 import main as main_cli
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 from cores.calibrator.dump import DumpError, DumpFiles, DumpManifest, HiddenDump, boundary_path
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir, ParamDirError
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.models.streaming import StreamingModel
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 TEXT = " ".join(
     f"The {a} {b} of the {c} was {d} in the year {y}." for a in ("old", "young", "quiet", "bright", "lost")

@@ -16,7 +16,7 @@ from cores.utils.checkpoint import (
     fp8_e4m3_to_float,
     iter_dequantize_fp8,
 )
-from cores.utils.tiny import fp8_twins, make_tiny_checkpoint, quantize_fp8_blockwise
+from blockptq_assets.tiny import fp8_twins, make_tiny_checkpoint, quantize_fp8_blockwise
 
 
 @pytest.fixture(scope="module")

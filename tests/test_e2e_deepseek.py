@@ -16,9 +16,9 @@ import deploy as deploy_cli
 import eval_ppl
 import extract_calib_data
 import main as main_cli
+from blockptq_assets.assets import ensure_assets
+from blockptq_assets.tiny_trained import ensure_tiny_deepseek
 from cores.calibrator.params import ParamDir
-from cores.utils.assets import ensure_assets
-from cores.utils.tiny_trained import ensure_tiny_deepseek
 
 pytestmark = pytest.mark.slow  # trains the tiny DeepSeek-V3 on first use, then 16 jobs of main.py
 

@@ -10,9 +10,9 @@ import eval_ppl
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
+from cores.eval.perplexity import PplConfig, evaluate_ppl
 from cores.models.streaming import StreamingModel
 from cores.utils.data import load_text, ppl_windows
-from cores.utils.perplexity import PplConfig, evaluate_ppl
 
 
 @pytest.fixture(scope="module")

@@ -43,16 +43,16 @@ import deploy as deploy_cli
 import eval_ppl
 import extract_calib_data
 import main as main_cli
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
+from cores import cli
 from cores.calibrator.dump import DumpFiles, HiddenDump, boundary_path
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
-from cores.deploy.loader import check_deployed_files
-from cores import cli
+from cores.models.deployed import check_deployed_files
 from cores.utils.checkpoint import INDEX_NAME
 from cores.utils.io import is_temp
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "tests" / "fault_runner.py"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from blockptq_assets.tiny import make_tiny_checkpoint
 from cores.models import UnsupportedModelError, get_family
 from cores.models.streaming import StreamingModel
-from cores.utils.tiny import make_tiny_checkpoint
 
 RTOL = 1e-5
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from blockptq_assets.tiny import fp8_twins, make_tiny_checkpoint
 from cores.models.mla import MLAAttention
 from cores.models.moe import MoE
 from cores.models.streaming import StreamingModel
-from cores.utils.tiny import fp8_twins, make_tiny_checkpoint
 
 RTOL = 1e-5
 SEQ = 48  # > the tiny deepseek_v32 index_topk (16): the indexer really drops keys

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from blockptq_assets.tiny import make_tiny_checkpoint
 from cores.models.moe import MoE
 from cores.models.qwen3_next import GatedAttention, GatedDeltaNet, GatedSharedExpertMoE, OffsetRMSNorm
 from cores.models.streaming import StreamingModel
-from cores.utils.tiny import make_tiny_checkpoint
 
 RTOL = 1e-5
 SEQ = 80  # > the delta rule's chunk of 64: the recurrence crosses a chunk boundary
@@ -99,7 +99,7 @@ def test_whole_model_nll_equals_reference(tiny):
 
 
 def test_shared_expert_gate_and_router_stay_unquantized(tiny):
-    from cores.calibrator.quant_block import quantize_block
+    from cores.quantization.block import quantize_block
     from cores.quantization import QuantLinear, get_scheme
 
     path, _ = tiny
@@ -121,7 +121,7 @@ E2E_N, E2E_SEQ = 4, 32
 def flow(tmp_path_factory):
     """The tiny Qwen3-Next with a tokenizer of its vocabulary, and its calibration dump."""
     from cores.calibrator.extract import ExtractConfig, extract_calibration
-    from cores.utils.tiny import save_tiny_tokenizer
+    from blockptq_assets.tiny import save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("qwen3_next_e2e")
     model = tiny_qwen3_next(root, vocab_size=300, initializer_range=0.2)

@@ -102,7 +102,7 @@ def test_whole_model_nll_equals_reference(tiny):
 @pytest.mark.parametrize("model_type", sorted(TEXT_CONFIGS))
 def test_rtn_and_learned_w8a8_end_to_end(model_type, tmp_path):
     from cores.calibrator.extract import ExtractConfig, extract_calibration
-    from cores.utils.tiny import save_tiny_tokenizer
+    from blockptq_assets.tiny import save_tiny_tokenizer
 
     model = tiny_vl(tmp_path / "model", model_type)
     save_tiny_tokenizer(model, E2E_TEXT, 300)

@@ -1,4 +1,4 @@
-"""The tiny DeepSeek-V3 trained on the corpus (cores/utils/tiny_trained.py), a real MoE for quality work.
+"""The tiny DeepSeek-V3 trained on the corpus (blockptq_assets/tiny_trained.py), a real MoE for quality work.
 
 Its folder reads the same in our streaming runtime and in ``transformers``, its FP8 twin evaluates
 like it, every routed expert gets tokens, and it predicts the eval text far better than chance.
@@ -14,13 +14,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from blockptq_assets import tiny_trained
+from blockptq_assets.assets import AssetError
+from blockptq_assets.tiny import make_tiny_checkpoint
+from blockptq_assets.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek
 from cores.models.moe import RoutingCounter
 from cores.models.streaming import StreamingModel
-from cores.utils import tiny_trained
-from cores.utils.assets import AssetError
 from cores.utils.data import load_text, ppl_windows
-from cores.utils.tiny import make_tiny_checkpoint
-from cores.utils.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek
 
 SEQ, WINDOWS = 256, 4
 # Measured on these windows (settings of FORMAT_VERSION 1): ppl 528.5 (the record's 16 x 512 eval: 392.8;

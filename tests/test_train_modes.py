@@ -7,14 +7,14 @@ import torch
 
 import eval_ppl
 import main as main_cli
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir, ParamDirError, ParamSet
-from cores.calibrator.quant_block import quantize_block
 from cores.calibrator.trainer import TrainConfig, run_training
+from cores.eval.perplexity import PplConfig, evaluate_ppl
 from cores.models.streaming import StreamingModel
 from cores.quantization import STATIC_EXPERTS_UNSERVED, KVQuantizer, QuantState, get_scheme, set_quant_state
-from cores.utils.perplexity import PplConfig, evaluate_ppl
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
+from cores.quantization.block import quantize_block
 
 TEXT = " ".join(f"The {a} {b} of the {c} was {d}." for a in ("old", "young", "quiet", "bright")
                 for b in ("king", "river", "city", "song") for c in ("north", "sea", "hill") for d in ("seen", "kept"))

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore
 from ..quantization import LAC_INIT_LOGIT, ActQuantizer, QuantState, set_quant_state
+from ..quantization.block import (freeze, init_smoothers, learnable_parameters, load_quant_state, quant_state_dict,
+                                  smoothers)
 from .dump import DumpError, HiddenDump
-from .quant_block import freeze, init_smoothers, learnable_parameters, load_quant_state, quant_state_dict, smoothers
 
 Rows = Sequence[int] | Tensor
 BatchLoss = Callable[[Rows], tuple[Tensor, float]]

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quantization import QuantScheme, SchemeOverride, TargetSchemes
+from ..quantization.block import freeze, load_quant_state, quantize_block
 from ..utils.io import atomic_write_text, file_change, file_record, load_json, locked, temp_path
-from .quant_block import freeze, load_quant_state, quantize_block
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ..models.moe import MoE
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import QuantScheme, TargetSchemes
+from ..quantization.block import quant_state_dict, quantize_block
 from .dump import HiddenDump
 from .fit import Batches, FitOptions, calibrate, fit, mse, norm_mse
-from .quant_block import quant_state_dict, quantize_block
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import (DEFAULT_IGNORE, QuantScheme, SchemeOverride, TargetSchemes, get_scheme,
                             promote_unquantized, serving_notes)
+from ..quantization.block import freeze, load_quant_state, quantize_block
 from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
 from ..utils.io import remove_stale_temps
 from .dump import DumpError, DumpFiles, DumpManifest, boundary_path
 from .fit import Batches, FitOptions, fit, mse, norm_mse
 from .params import TRAIN_MODES, ParamDir
-from .quant_block import freeze, load_quant_state, quantize_block
 from .sub_blocks import SubBlockJob, train_attention, train_mlp
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,11 @@
-"""Deploy: FP weights + learned params -> a compressed-tensors serving checkpoint, and its loader."""
+"""Deploy: FP weights + learned params -> a compressed-tensors serving checkpoint.
 
-from .format import DeployedFormat, quantization_config
-from .loader import load_deployed_block
+The format is :mod:`cores.formats.compressed_tensors`; the runtime loads it with
+:mod:`cores.models.deployed` (both re-exported here).
+"""
+
+from ..formats.compressed_tensors import DeployedFormat, quantization_config
+from ..models.deployed import load_deployed_block
 from .run import DeployConfig, DeployResult, deploy, quant_types
 from .writer import DeployError
 

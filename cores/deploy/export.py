@@ -5,7 +5,7 @@ builds it (the quantizers of ``ParamDir.block_transform``, or round-to-nearest);
 every :class:`QuantLinear` named ``N`` yields ``N.<name>`` for each of its
 qparams (``weight``/``weight_packed``, ``weight_scale``, ``weight_shape``,
 ``input_scale``), every KV quantizer on an attention cache hook yields the scales
-of :data:`~cores.deploy.format.KV_SCALE_NAMES`, and every other tensor of the
+of :data:`~cores.formats.compressed_tensors.KV_SCALE_NAMES`, and every other tensor of the
 block is passed through from the source as stored (FP8 dequantized to bf16).
 MoE experts are linears like any other, so their tensors keep their on-disk names
 (``mlp.experts.<e>.gate_proj.weight`` ...). Tensors outside the blocks pass
@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibrator.quant_block import quantize_block
+from ..formats.compressed_tensors import KV_SCALE_NAMES
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import KVQuantizer, QuantLinear, QuantScheme, TargetSchemes, Workspace
+from ..quantization.block import quantize_block
 from ..quantization.smoothing import Smoother
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
-from .format import KV_SCALE_NAMES
 from .verify import WeightCheck
 from .writer import ShardedWriter, StagedOutput, TensorSpec, cut_into_shards, shard_names
 

@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from ..calibrator.params import open_params, smooth_dtype
-from ..calibrator.quant_block import quantize_block
+from ..formats.compressed_tensors import quantization_config
 from ..models.registry import UnsupportedModelError, get_family
 from ..models.streaming import BlockTransform, StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, TargetSchemes, get_scheme, scheme_names, serving_notes
+from ..quantization.block import quantize_block
 from ..quantization.fp8_block import Fp8BlockConfig
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json
 from .export import export_units, plan_export
-from .format import quantization_config
 from .fp8 import bf16_config, export_bf16, fp8_weights
 from .fp8_block import export_fp8, fp8_config, plan_fp8
 from .fp8_stats import ActStats, check_dump, collect_act_stats, dump_identity

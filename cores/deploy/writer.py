@@ -28,17 +28,17 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..models.streaming import DEPLOY_REPORT as REPORT_NAME
+from ..formats.compressed_tensors import DEPLOY_REPORT as REPORT_NAME
 from ..utils.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, read_safetensors_header
-from ..utils.io import (atomic_write_text, file_change, file_record, is_temp, load_json, remove_stale_temps,
-                        temp_path)
+from ..utils.io import (atomic_write_text, changed_files, file_change, file_record, is_temp, load_json,
+                        remove_stale_temps, temp_path)
 from .verify import TensorCheck
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,6 @@ def parse_size(text: str | int) -> int:
     if not match or float(match.group(1)) <= 0:
         raise DeployError(f"--max_shard_size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
-
-
-def changed_files(folder: Path, records: dict[str, dict]) -> Iterator[tuple[str, str]]:
-    """``(name, how it changed)`` of every file of ``folder`` that is no longer as ``records`` (name -> record
-    of :func:`~cores.utils.io.file_record`) recorded it, in the records' order."""
-    for name, record in records.items():
-        change = file_change(folder / name, record)
-        if change:
-            yield name, change
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
-from ..utils.checkpoint import CheckpointError, CheckpointReader
+from ..formats.compressed_tensors import DEPLOY_REPORT
+from ..utils.checkpoint import CheckpointError, CheckpointReader, check_tensor
+from .deployed import check_deployed_files, load_deployed_block
 from .layers import RMSNorm, rotary_cos_sin, rotary_inv_freq
 from .registry import get_family
 
@@ -30,8 +32,6 @@ log = logging.getLogger(__name__)
 
 BlockTransform = Callable[[int, nn.Module], nn.Module]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-DEPLOY_REPORT = "deploy_report.json"
-"""Written by ``deploy.py`` into its output, with a record of every file (checked when the folder is read)."""
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -55,31 +55,6 @@ def load_config(reader: CheckpointReader) -> PretrainedConfig:
         return AutoConfig.from_pretrained(reader.model_dir)
     except (ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"cannot parse {reader.model_dir / 'config.json'}: {err}") from err
-
-
-def check_tensor(where: Path, name: str, tensor: torch.Tensor, expected: torch.Tensor | tuple[int, ...]) -> None:
-    """Refuse a stored tensor whose shape, or dtype class, is not that of the model built from ``config.json``.
-
-    Args:
-        where: the checkpoint folder (named in the message).
-        name: the tensor's full name.
-        tensor: as read (FP8 weights already dequantized).
-        expected: the parameter of the module built on the meta device, or the shape
-            a float tensor must have.
-
-    Raises:
-        CheckpointError: naming the tensor, the folder and expected vs found.
-    """
-    shape = tuple(expected) if isinstance(expected, tuple) else tuple(expected.shape)
-    floating = True if isinstance(expected, tuple) else expected.dtype.is_floating_point
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(
-            f"{name} in {where} has shape {tuple(tensor.shape)} but config.json implies {shape}: the weights and "
-            "config.json do not belong together")
-    if floating and (not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1):
-        raise CheckpointError(
-            f"{name} in {where} is stored as {str(tensor.dtype).removeprefix('torch.')} but the model reads a float "
-            "tensor there: the shard's header was altered or the file belongs to another format; download it again")
 
 
 class HiddenStore:
@@ -199,8 +174,6 @@ class StreamingModel:
         qcfg = self.reader.config.get("quantization_config") or {}
         self.deployed = qcfg.get("quant_method") == "compressed-tensors"
         if (self.reader.model_dir / DEPLOY_REPORT).is_file():
-            from ..deploy.loader import check_deployed_files
-
             check_deployed_files(self.reader.model_dir)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -222,8 +195,6 @@ class StreamingModel:
                 (:func:`~cores.quantization.promote_unquantized`).
         """
         if self.deployed:
-            from ..deploy.loader import load_deployed_block
-
             return load_deployed_block(self, idx)
         with torch.device("meta"):
             block = self.family.build_block(self.config, idx)

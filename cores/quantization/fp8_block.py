@@ -40,7 +40,7 @@ from .primitives import FP8_E4M3_MAX
 FP8_BLOCK: tuple[int, int] = (128, 128)
 FP8_MODES: tuple[str, ...] = ("max", "rms", "percentile", "mse")
 MIN_SCALE = 1e-12 / FP8_E4M3_MAX
-"""The smallest ``scale_inv`` (an all-zero tile), as the twins of :mod:`cores.utils.tiny` always had."""
+"""The smallest ``scale_inv`` (an all-zero tile), as the twins of :mod:`blockptq_assets.tiny` always had."""
 ACT_FLOOR = 1e-3
 """Floor of a normalised channel weight: a channel silent on the calibration data still counts a little."""
 

@@ -4,7 +4,7 @@ Every stage is one call of the function behind its own command
 (:func:`~cores.calibrator.extract.extract_calibration`,
 :func:`~cores.calibrator.trainer.run_training`, :func:`~cores.deploy.deploy`,
 :func:`~cores.recipes.mixed.restore_bf16_layers`,
-:func:`~cores.utils.perplexity.evaluate_ppl`), each of which resumes on its own:
+:func:`~cores.eval.perplexity.evaluate_ppl`), each of which resumes on its own:
 a finished dump, param block, deploy or mix is found and skipped, and a folder
 made with other settings is refused. An evaluation is skipped when its JSON holds
 a result of the same model and settings. Layout under ``save_path``::
@@ -104,7 +104,7 @@ def _check_overrides(recipe: Recipe, model) -> None:
     """
     import torch
 
-    from ..calibrator.quant_block import quantize_block
+    from ..quantization.block import quantize_block
 
     targets = TargetSchemes(recipe.quant_scheme(), recipe.override_schemes())
     for idx in range(model.num_blocks):
@@ -118,8 +118,8 @@ def _check_overrides(recipe: Recipe, model) -> None:
 
 
 def _eval(model: str, out: Path, cfg: FlowConfig) -> float:
+    from ..eval.perplexity import PplConfig, evaluate_ppl
     from ..utils.io import atomic_write_text
-    from ..utils.perplexity import PplConfig, evaluate_ppl
 
     ppl_cfg = PplConfig(model=model, dataset=cfg.eval_dataset, seq_len=cfg.eval_seq_len, device=cfg.device,
                         max_windows=cfg.eval_windows)

@@ -5,7 +5,7 @@ and writes a copy in which every tensor of the chosen layers is the source's (BF
 an FP8 source is dequantized), their quantized tensors (``weight`` codes,
 ``weight_scale``, ``weight_packed``, ``weight_shape``, ``input_scale``) dropped, and
 the full names of their linears added to ``quantization_config.ignore``, so that
-vLLM, SGLang and our loader (:mod:`cores.deploy.loader`) run them unquantized.
+vLLM, SGLang and our loader (:mod:`cores.models.deployed`) run them unquantized.
 
 Whole layers are restored, norms included: a deploy with learned smoothing folds
 scales into the norms and linears of a block, so a linear alone taken from the
@@ -19,30 +19,28 @@ The output is written shard by shard into ``<out>.partial`` and renamed when
 complete (:class:`~cores.deploy.writer.StagedOutput`); a rerun resumes from the
 shards already written, and finds a finished output of the same inputs done.
 
-CLI::
+CLI (``scripts/mix_bf16.py``)::
 
-    python -m cores.recipes.mixed --deployed outputs/smollm2-w8a8 --source assets/smollm2-135m \
+    python scripts/mix_bf16.py --deployed outputs/smollm2-w8a8 --source assets/smollm2-135m \
         --bf16_layers 28-29 --output outputs/smollm2-w8a8-mix
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..deploy.format import WEIGHT_NAMES
 from ..deploy.writer import REPORT_NAME, DeployError, StagedOutput, TensorSpec
+from ..formats.compressed_tensors import WEIGHT_NAMES
 from ..models.registry import get_family
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json, temp_path
-from .schema import format_layer_ranges, load_recipe, parse_layer_ranges
+from .schema import format_layer_ranges
 
 log = logging.getLogger(__name__)
 
@@ -196,31 +194,3 @@ def restore_bf16_layers(deployed_dir: str | Path, source_dir: str | Path, layers
     mix = load_json(out / MIX_REPORT, DeployError, "Mix again with --overwrite.")
     return MixResult(out, tuple(layers), tuple(mix["restored_linears"]), mix["deployed_bytes"], mix["output_bytes"],
                      mix["source_bytes"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import check_output_folder, run_main
-    from ..utils.logging import setup_logging
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--deployed", required=True, help="compressed-tensors checkpoint from deploy.py")
-    p.add_argument("--source", required=True, help="the FP model it was deployed from")
-    p.add_argument("--output", required=True, help="folder to write")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--bf16_layers", nargs="+", help="layers to keep in BF16, e.g. 22 28-29")
-    group.add_argument("--recipe", help="a recipe file whose bf16_layers to use")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    a = p.parse_args(argv)
-    setup_logging()
-
-    def run() -> int:
-        check_output_folder("--output", a.output)
-        layers = list(load_recipe(a.recipe).bf16_layers) if a.recipe else parse_layer_ranges(a.bf16_layers)
-        print(restore_bf16_layers(a.deployed, a.source, layers, a.output, a.overwrite).line())
-        return 0
-
-    return run_main(run, log)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

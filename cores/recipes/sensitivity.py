@@ -28,9 +28,9 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..calibrator.quant_block import freeze, quantize_block
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import DEFAULT_IGNORE, get_scheme
+from ..quantization.block import freeze, quantize_block
 from ..utils.data import load_text, ppl_windows
 from .schema import RECIPE_VERSION, Recipe, format_layer_ranges
 

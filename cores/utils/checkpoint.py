@@ -237,7 +237,7 @@ class CheckpointReader:
         offset still fits) reads without error as other numbers, and the model runs
         to a meaningless perplexity. The shape and the dtype class of every tensor a
         block reads are checked against the model built from ``config.json`` where it
-        is loaded (:func:`cores.models.streaming.check_tensor`: a float weight stored
+        is loaded (:func:`check_tensor`: a float weight stored
         as an integer type is refused there); what is left is a swap between float
         dtypes of one size, which only a rule about the whole checkpoint can catch:
 
@@ -413,3 +413,28 @@ def model_fingerprint(reader: CheckpointReader) -> str:
             rows = f.get_slice(embed_keys[0])[:16]
         digest.update(rows.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_tensor(where: Path, name: str, tensor: torch.Tensor, expected: torch.Tensor | tuple[int, ...]) -> None:
+    """Refuse a stored tensor whose shape, or dtype class, is not that of the model built from ``config.json``.
+
+    Args:
+        where: the checkpoint folder (named in the message).
+        name: the tensor's full name.
+        tensor: as read (FP8 weights already dequantized).
+        expected: the parameter of the module built on the meta device, or the shape
+            a float tensor must have.
+
+    Raises:
+        CheckpointError: naming the tensor, the folder and expected vs found.
+    """
+    shape = tuple(expected) if isinstance(expected, tuple) else tuple(expected.shape)
+    floating = True if isinstance(expected, tuple) else expected.dtype.is_floating_point
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(
+            f"{name} in {where} has shape {tuple(tensor.shape)} but config.json implies {shape}: the weights and "
+            "config.json do not belong together")
+    if floating and (not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1):
+        raise CheckpointError(
+            f"{name} in {where} is stored as {str(tensor.dtype).removeprefix('torch.')} but the model reads a float "
+            "tensor there: the shard's header was altered or the file belongs to another format; download it again")

@@ -164,6 +164,15 @@ def file_change(path: str | Path, record: dict) -> str | None:
     return None
 
 
+def changed_files(folder: Path, records: dict[str, dict]) -> Iterator[tuple[str, str]]:
+    """``(name, how it changed)`` of every file of ``folder`` that is no longer as ``records`` (name -> record
+    of :func:`file_record`) recorded it, in the records' order."""
+    for name, record in records.items():
+        change = file_change(folder / name, record)
+        if change:
+            yield name, change
+
+
 @contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the (hidden, empty) lock file ``path``; released on exit or process death.

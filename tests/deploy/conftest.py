@@ -8,10 +8,10 @@ import pytest
 import torch
 from deploy_helpers import GROUP, SEQ, TEXT, make_params
 
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 from cores.calibrator.params import ParamDir
 from cores.deploy import DeployConfig, deploy
 from cores.quantization import get_scheme
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cores.calibrator.params import ParamDir
-from cores.calibrator.quant_block import learnable_parameters, quant_state_dict, quantize_block
+from cores.quantization.block import learnable_parameters, quant_state_dict, quantize_block
 from cores.models.streaming import BlockTransform, HiddenStore, StreamingModel
 from cores.quantization import DEFAULT_IGNORE, QuantScheme, QuantState, set_quant_state
 from cores.utils.checkpoint import model_fingerprint

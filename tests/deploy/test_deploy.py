@@ -12,9 +12,9 @@ from vllm_reference import vllm_w4a8_fp8_scales
 
 import eval_ppl
 from deploy_helpers import GROUP, TEXT, logits
-from cores.calibrator.quant_block import freeze, quantize_block
+from cores.quantization.block import freeze, quantize_block
 from cores.deploy import DeployConfig, deploy
-from cores.deploy.format import DeployedFormat
+from cores.formats.compressed_tensors import DeployedFormat
 from cores.models.streaming import StreamingModel
 from cores.quantization import DEFAULT_IGNORE, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointReader, model_fingerprint

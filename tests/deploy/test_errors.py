@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 
 import deploy as deploy_cli
 from deploy_helpers import editable_copy
+from blockptq_assets.tiny import make_tiny_checkpoint
 from cores.calibrator.params import ParamDirError
 from cores.deploy import DeployConfig, DeployError, deploy
 from cores.deploy import writer as writer_mod
 from cores.models.streaming import StreamingModel
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError
-from cores.utils.tiny import make_tiny_checkpoint
 
 
 def _tensors(folder):

@@ -5,7 +5,7 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-from cores.deploy.format import DeployedFormat, dequantize_codes, ignore_match, quantization_config, weight_codes
+from cores.formats.compressed_tensors import DeployedFormat, dequantize_codes, ignore_match, quantization_config, weight_codes
 from cores.quantization import WeightQuantizer, get_scheme
 from cores.utils.checkpoint import CheckpointError
 

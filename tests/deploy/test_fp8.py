@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockptq_assets.tiny import fp8_twins
 from cores.deploy import DeployConfig, DeployError, deploy
 from cores.utils.checkpoint import INDEX_NAME
-from cores.utils.tiny import fp8_twins
 
 
 def _tensors(folder):

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import deploy as deploy_cli
 import eval_ppl
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.deploy import DeployConfig, DeployError, deploy
 from cores.deploy import writer as writer_mod
@@ -17,7 +18,6 @@ from cores.deploy.fp8_block import plan_fp8
 from cores.deploy.fp8_stats import ActStats, collect_act_stats
 from cores.quantization.fp8_block import Fp8BlockConfig, dequantize_tiles, quantize_fp8_block, scale_grid
 from cores.utils.checkpoint import INDEX_NAME, CheckpointReader
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
 MODES = ["max", "rms", "percentile", "mse"]
 

@@ -22,16 +22,16 @@ from compressed_tensors.quantization import QuantizationScheme
 from deploy_helpers import GROUP, SEQ, TEXT, editable_copy
 from safetensors.torch import load_file, save_file
 
+from blockptq_assets.tiny import fp8_twins, make_tiny_checkpoint, save_tiny_tokenizer
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
 from cores.deploy.run import serving_warnings
-from cores.deploy.format import dequantize_codes, weight_codes
+from cores.formats.compressed_tensors import dequantize_codes, weight_codes
 from cores.models.streaming import StreamingModel
 from cores.quantization import MLA_KV_NOT_VLLM, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader
-from cores.utils.tiny import fp8_twins, make_tiny_checkpoint, save_tiny_tokenizer
 
 FAMILIES = ["deepseek_v3", "deepseek_v3_fp8", "deepseek_v32", "qwen3_moe"]
 SCHEMES = ["w8a8c8", "w4a8c8"]

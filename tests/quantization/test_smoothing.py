@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cores.calibrator.quant_block import init_smoothers, quant_state_dict, quantize_block, smoothers
+from cores.quantization.block import init_smoothers, quant_state_dict, quantize_block, smoothers
 from cores.models.layers import DecoderBlock, GQAAttention, SwiGLUMLP, rotary_cos_sin
 from cores.quantization import (
     ROUND_OFFSET_DTYPE,

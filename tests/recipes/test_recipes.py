@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +18,19 @@ from cores.models.streaming import StreamingModel
 from cores.quantization import QuantLinear
 from cores.recipes import (RecipeError, builtin_names, builtin_path, builtin_recipe, check_against_model,
                            format_layer_ranges, load_recipe, parse_layer_ranges, parse_recipe, recipe_name_for)
-from cores.recipes.mixed import main as mixed_main
+from blockptq_assets.tiny import make_tiny_checkpoint, save_tiny_tokenizer, tiny_config
 from cores.recipes.mixed import restore_bf16_layers
 from cores.recipes.sensitivity import SensitivityConfig, layer_sensitivity, recipe_yaml
 from cores.utils.checkpoint import CheckpointReader
-from cores.utils.tiny import make_tiny_checkpoint, save_tiny_tokenizer, tiny_config
+
+
+def _script(name: str):
+    """A script of ``scripts/`` loaded as a module (its ``main`` is the entry point)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 GOOD = """\
 version: 1
@@ -191,7 +201,7 @@ def test_mixed_refuses_bad_inputs(tiny_deployed, tmp_path):
         restore_bf16_layers(deployed, src, [3], tmp_path / "mix")
     with pytest.raises(DeployError, match="not a compressed-tensors"):
         restore_bf16_layers(src, src, [0], tmp_path / "mix")
-    assert mixed_main(["--deployed", str(deployed), "--source", str(src), "--output", str(tmp_path / "m2"),
+    assert _script("mix_bf16").main(["--deployed", str(deployed), "--source", str(src), "--output", str(tmp_path / "m2"),
                        "--bf16_layers", "7"]) == 2
     assert not (tmp_path / "m2").exists()
 
@@ -283,13 +293,7 @@ def test_mixed_fp8_deepseek(tiny_deepseek, tmp_path):
 
 
 def test_sensitivity_cli_writes_recipe(tiny_deployed, tmp_path, caplog):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "sensitivity_cli", Path(__file__).resolve().parents[2] / "scripts" / "sensitivity.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _script("sensitivity")
     src, _ = tiny_deployed
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
@@ -334,7 +338,7 @@ def test_flow_deploys_per_target_schemes(tiny_deployed, tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
 
     from cores.recipes.flow import FlowConfig, run_flow
-    from cores.utils.perplexity import PplConfig, evaluate_ppl
+    from cores.eval.perplexity import PplConfig, evaluate_ppl
 
     src, _ = tiny_deployed
     text = tmp_path / "text.txt"

@@ -37,7 +37,7 @@ from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS_DIR = REPO_ROOT / "assets"
 MODEL_DIR_NAME = "smollm2-135m"
 CORPUS_DIR_NAME = "corpus"

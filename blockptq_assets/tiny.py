@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..quantization.fp8_block import Fp8BlockConfig, quantize_fp8_block
+from cores.quantization.fp8_block import Fp8BlockConfig, quantize_fp8_block
 
 TINY_BASE = dict(
     vocab_size=512,
@@ -106,7 +106,7 @@ def fp8_twins(
     Other tensors become bf16, except router correction biases, which stay fp32 as DeepSeek ships them.
     Only ``config.json`` and the weights are written.
     """
-    from .checkpoint import dequantize_fp8_blockwise
+    from cores.utils.checkpoint import dequantize_fp8_blockwise
 
     src_dir, fp8_dir = Path(src_dir), Path(fp8_dir)
     config = json.loads((src_dir / "config.json").read_text())

@@ -18,9 +18,9 @@ from transformers import AutoTokenizer
 
 from ..calibrator.params import open_params
 from ..models.streaming import BlockTransform, StreamingModel
-from .checkpoint import model_fingerprint
-from .data import load_text, ppl_windows
-from .io import atomic_write_text
+from ..utils.checkpoint import model_fingerprint
+from ..utils.data import load_text, ppl_windows
+from ..utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Hugging Face folders beside the other assets:
   ``weight_scale_inv`` per 128x128 tile and the FP8 ``quantization_config``), as V3 ships.
 
 The model is made of our own block modules (those the streaming runtime runs), initialised by
-``transformers`` through :func:`~cores.utils.tiny.make_tiny_checkpoint`, and trained with AdamW
+``transformers`` through :func:`~blockptq_assets.tiny.make_tiny_checkpoint`, and trained with AdamW
 on random windows of the train split. Three things make a few CPU minutes worth it:
 
 - the tied embedding starts from the top principal directions of SmolLM2's embedding;
@@ -55,13 +55,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
-from ..models.moe import RoutingCounter
-from ..models.registry import ModelFamily
-from ..models.streaming import StreamingModel
+from cores.models.moe import RoutingCounter
+from cores.models.registry import ModelFamily
+from cores.models.streaming import StreamingModel
+from cores.utils.checkpoint import CheckpointReader
+from cores.utils.data import calibration_samples, load_text, ppl_windows
+from cores.utils.io import atomic_write_text
+
 from .assets import CORPUS_DIR_NAME, DEFAULT_ASSETS_DIR, MODEL_DIR_NAME, AssetError, build_once
-from .checkpoint import CheckpointReader
-from .data import calibration_samples, load_text, ppl_windows
-from .io import atomic_write_text
 from .tiny import fp8_twins, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
