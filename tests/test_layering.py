@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ast
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,14 +213,12 @@ def _cycle_message(component: list[str], imports: list[Import], modules: set[str
 
 
 def test_cores_layering():
-    start = time.perf_counter()
     modules, imports = collect_imports(ROOT)
     problems = violations(modules, imports)
     assert not problems, "imports that break the layering:\n" + "\n".join(problems)
     found = cycles(modules, imports)
     assert not found, "\n".join(_cycle_message(c, imports, modules) for c in found)
     assert all(layer_of(m) is not None for m in modules if m != "cores")
-    assert time.perf_counter() - start < 1.0
 
 
 # The check itself, on a synthetic package that breaks every rule once.
