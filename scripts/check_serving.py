@@ -23,7 +23,13 @@ Measured on vLLM's CPU build 0.32.0: W8A8 int8 runs on ``CPUInt8ScaledMMLinearKe
 with AMX (``torch.cpu._is_amx_tile_supported()``, K a multiple of 32, N of 16) takes the sgl kernel
 ``int8_scaled_mm_with_quant``, bfloat16 / float16 only: float32 is refused at the first forward ("expect
 A to be bfloat16 or half"); without AMX it takes oneDNN, which runs float32 and bfloat16 (``layers`` /
-``schemes`` name the path: ``sgl`` or ``onednn``). Its W4 kernel (``CPUWNA16LinearKernel``) runs
+``schemes`` name the path: ``sgl`` or ``onednn``). The sgl path ignores a static input scale: it passes
+no ``input_scale`` to ``int8_scaled_mm_with_quant``, which quantizes the activations per token
+(``vllm/model_executor/kernels/linear/scaled_mm/cpu.py``, ``_apply_weights_sgl``), so on AMX a static
+W8A8 checkpoint is served as dynamic; when that happens a warning is printed and the JSON lists the
+layers under ``ignored_static_input_scales``. ``--int8_kernel onednn`` switches the sgl path off (the
+name ``check_cpu_sgl_kernel`` as that module imported it answers False, before the in-process engine
+loads the model), and oneDNN applies the static scales. Its W4 kernel (``CPUWNA16LinearKernel``) runs
 bfloat16 / float16 only and does not quantize activations; its fp8 KV-cache write rounds toward zero
 (our C8 rounds to nearest), and int8 activation codes are ``round(x * (1 / scale))``.
 
@@ -72,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "value vLLM takes (auto, fp8, fp8_e4m3, fp8_e5m2; a 16-bit cache of another dtype than "
                         "--dtype, e.g. bfloat16 under float32, computed garbage on vLLM 0.32 CPU)")
     p.add_argument("--batch_windows", type=int, default=4, help="windows per generate call (default 4)")
+    p.add_argument("--int8_kernel", default="auto", choices=["auto", "onednn"],
+                   help="auto (default: vLLM's choice, sgl on AMX, which ignores static input scales) or onednn "
+                        "(the sgl path switched off: static input scales applied, float32 runs)")
     return p.parse_args(argv)
 
 
@@ -85,6 +94,23 @@ def follow_kv_cache_dtype(qcfg: dict | None) -> str:
     if qcfg and qcfg.get("kv_cache_scheme"):
         return "fp8"
     return "auto"
+
+
+def force_onednn_int8() -> None:
+    """Make ``CPUInt8ScaledMMLinearKernel`` take oneDNN on every layer (vLLM 0.32 CPU).
+
+    ``process_weights_after_loading`` takes the sgl kernel when ``check_cpu_sgl_kernel(N, K, dtype)`` holds,
+    the name its module imported from ``vllm.model_executor.layers.utils``; only that binding is replaced,
+    so the bf16 linears keep their own choice. It acts on this process only: the engine core must run here
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and ``main`` checks afterwards that no int8 layer took sgl.
+    """
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise RuntimeError("--int8_kernel onednn needs the in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    if not hasattr(cpu, "check_cpu_sgl_kernel"):
+        raise RuntimeError(f"{cpu.__name__} has no check_cpu_sgl_kernel: this vLLM picks its int8 path otherwise")
+    cpu.check_cpu_sgl_kernel = lambda n, k, dtype: False
 
 
 def describe_modules(model) -> dict:
@@ -104,6 +130,9 @@ def describe_modules(model) -> dict:
             kernel = getattr(scheme, "kernel", None)
             if kernel is not None:
                 entry["kernel"] = type(kernel).__name__
+                static = getattr(getattr(kernel, "config", None), "is_static_input_scheme", None)
+                if static is not None:  # Int8ScaledMMLinearLayerConfig
+                    entry["static_input"] = bool(static)
                 path = getattr(getattr(kernel, "linear_method", None), "__name__", None)
                 if path:  # CPUInt8ScaledMMLinearKernel: _apply_weights_sgl (AMX) or _apply_weights_onednn
                     entry["kernel_path"] = path.removeprefix("_apply_weights_")
@@ -118,6 +147,12 @@ def summarize(layers: dict) -> dict:
                                     e.get("kv_cache_dtype") and f"kv cache {e['kv_cache_dtype']}") if v)
         for e in layers.values())
     return dict(sorted(counts.items()))
+
+
+def ignored_static_scales(layers: dict) -> list[str]:
+    """The layers with a static input scale that vLLM runs on the sgl path, which quantizes per token."""
+    return sorted(name for name, e in layers.items()
+                  if isinstance(e, dict) and e.get("static_input") and e.get("kernel_path") == "sgl")
 
 
 def write(path: str | None, result: dict) -> None:
@@ -183,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint_quant_method": (qcfg or {}).get("quant_method"),
               "checkpoint_format": (qcfg or {}).get("format"),
               "checkpoint_kv_cache_scheme": (qcfg or {}).get("kv_cache_scheme")}
+    result["int8_kernel"] = args.int8_kernel
+    if args.int8_kernel == "onednn":
+        force_onednn_int8()
     start = time.perf_counter()
     try:
         # max_model_len: the window plus the one token generate() has to produce
@@ -205,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         served_dtype=str(getattr(model_config, "dtype", args.dtype)),
         schemes=summarize(layers) if "error" not in layers else layers,
         layers=layers)
+    paths = sorted({e["kernel_path"] for e in layers.values() if isinstance(e, dict) and "kernel_path" in e})
+    result["int8_kernel_paths"] = paths
+    if args.int8_kernel == "onednn" and ("error" in layers or "sgl" in paths):
+        raise RuntimeError(f"--int8_kernel onednn did not take effect: int8 kernel paths {paths or layers}")
+    ignored = ignored_static_scales(layers)
+    result["ignored_static_input_scales"] = ignored
+    if ignored:
+        print(f"WARNING: vLLM ignores the static input scales of {len(ignored)} int8 layers (e.g. {ignored[0]}): "
+              "on this AMX CPU they run the sgl kernel int8_scaled_mm_with_quant, which quantizes activations "
+              "per token (vllm/model_executor/kernels/linear/scaled_mm/cpu.py, _apply_weights_sgl); the ppl "
+              "below is that of a dynamic checkpoint. --int8_kernel onednn applies the static scales.",
+              file=sys.stderr, flush=True)
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
     eval_start = time.perf_counter()
@@ -217,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                   eval_seconds=eval_seconds, seconds=time.perf_counter() - start,
                   tokens_per_s=tokens / eval_seconds)
     print(f"{model_dir}: vLLM ppl {result['ppl']:.4f} over {tokens} tokens in {result['windows']} windows "
-          f"({args.dtype}, kv {result['kv_cache_dtype_used']}, load {load_seconds:.1f} s, eval {eval_seconds:.1f} s)")
+          f"({args.dtype}, kv {result['kv_cache_dtype_used']}, int8 path {'/'.join(paths) or '-'}, "
+          f"load {load_seconds:.1f} s, eval {eval_seconds:.1f} s)")
+    if ignored:
+        print(f"  WARNING: static input scales of {len(ignored)} layers ignored (sgl path): served as dynamic")
     for what, n in result["schemes"].items() if isinstance(result["schemes"], dict) else ():
         print(f"  {n:4d} x {what}")
     write(args.output_json, result)

@@ -5,7 +5,8 @@ Deploys SmolLM2-135M round-to-nearest as W8A8 with dynamic per-token activations
 cache, and compares vLLM's perplexity (``scripts/check_serving.py``: ``prompt_logprobs`` on token-id
 prompts) with our ``eval_ppl.py`` on the deployed folder, on the same 16 windows of 512 tokens; the
 same for the ``--quant_type fp8`` (128x128 block) checkpoint on 4 windows of 256 tokens; and a recipe's
-per-target overrides (two config groups) with two layers restored to BF16; all in bfloat16.
+per-target overrides (two config groups, ``down_proj`` static) with two layers restored to BF16, on
+vLLM's oneDNN int8 path (its AMX sgl path ignores static input scales); all in bfloat16.
 """
 
 from __future__ import annotations
@@ -125,11 +126,13 @@ training: {rtn: true}
 """
 
 
-def _serve_and_compare(model: Path, vllm_python: Path, eval_args: list, tmp_path: Path, name: str) -> dict:
+def _serve_and_compare(model: Path, vllm_python: Path, eval_args: list, tmp_path: Path, name: str,
+                       serve_args: tuple = (), tolerance: float = TOLERANCE) -> dict:
     ours_json, vllm_json = tmp_path / f"ours-{name}.json", tmp_path / f"vllm-{name}.json"
     done = run([sys.executable, "eval_ppl.py", "--model", model, *eval_args, "--output_json", ours_json])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    done = run([vllm_python, "scripts/check_serving.py", "--model", model, *eval_args, "--output_json", vllm_json])
+    done = run([vllm_python, "scripts/check_serving.py", "--model", model, *eval_args, *serve_args,
+                "--output_json", vllm_json])
     served = json.loads(vllm_json.read_text()) if vllm_json.is_file() else {}
     assert done.returncode == 0 and "refused" not in served, \
         served.get("refused") or (done.stdout[-2000:] + done.stderr[-3000:])
@@ -137,16 +140,26 @@ def _serve_and_compare(model: Path, vllm_python: Path, eval_args: list, tmp_path
     assert served["tokens"] == ours["tokens"] == WINDOWS * (SEQ_LEN - 1)
     diff = served["ppl"] / ours["ppl"] - 1
     print(f"{name}: vLLM {served['vllm_version']} ppl {served['ppl']:.4f}, ours {ours['ppl']:.4f} ({diff:+.3%})")
-    assert abs(diff) < TOLERANCE, f"{name}: vLLM ppl {served['ppl']:.4f} vs ours {ours['ppl']:.4f} ({diff:+.3%})"
+    assert abs(diff) < tolerance, f"{name}: vLLM ppl {served['ppl']:.4f} vs ours {ours['ppl']:.4f} ({diff:+.3%})"
     return served
 
 
-@pytest.mark.xfail(reason="measured: vLLM 0.32 CPU bf16 ppl 55.00 vs ours 108.01 on the two-group checkpoint "
-                          "(down_proj static): vLLM does not compute the static down_proj group as we do; unresolved")
+STATIC_TOLERANCE = 0.05
+"""5 %: static per-tensor down_proj on SmolLM2 swings vLLM against ours by 2-3 % either way on 4 x 256 tokens
+(measured, oneDNN: bf16 +2.5 % and -3.0 %, float32 -2.1 %; README's static row +2.3 % on 16 x 512 in float32),
+where vLLM serving the group as dynamic (the sgl path) lands at -49 %."""
+
+
 def test_vllm_serves_per_target_groups_and_bf16_layers(assets, vllm_python, tmp_path):
     """A recipe with ``down_proj`` static (its own config group) over dynamic W8A8, and layers 28-29 restored
-    to BF16 (``cores.recipes.mixed``): vLLM serves both checkpoints as our loader computes them. Both in
-    bfloat16: vLLM 0.32's CPU int8 GEMM with static input scales asks for bf16/fp16 activations."""
+    to BF16 (``cores.recipes.mixed``): vLLM serves both checkpoints as our loader computes them, in bfloat16.
+
+    With ``--int8_kernel onednn``: on an AMX CPU vLLM 0.32 otherwise runs every int8 linear on the sgl kernel,
+    which ignores the static input scales (``_apply_weights_sgl`` in
+    ``vllm/model_executor/kernels/linear/scaled_mm/cpu.py``) and so serves the checkpoint as all-dynamic:
+    ppl 55.00 against our 108.01. Measured on 4 x 256 tokens with oneDNN: two groups vLLM 110.73 vs ours
+    108.01 (+2.5 %; float32 108.19 vs 110.52, -2.1 %); with layers 28-29 in BF16 vLLM 86.18 vs ours 88.87
+    (-3.0 %)."""
     from cores.recipes.flow import FlowConfig, run_flow
 
     recipe = tmp_path / "recipe.yaml"
@@ -154,7 +167,12 @@ def test_vllm_serves_per_target_groups_and_bf16_layers(assets, vllm_python, tmp_
     out = run_flow(FlowConfig(model_path=str(assets.model_dir), save_path=str(tmp_path / "run"), recipe=str(recipe),
                               calib_dataset=str(assets.train_text), n_samples=4, seq_len=256))
     eval_args = ["--dataset", assets.eval_text, "--seq_len", SEQ_LEN, "--max_windows", WINDOWS, "--dtype", "bfloat16"]
-    served = _serve_and_compare(Path(out["deployed"]), vllm_python, eval_args, tmp_path, "two groups")
-    assert sum(n for what, n in served["schemes"].items() if "CompressedTensorsW8A8Int8" in what) == 30 * 4
-    served = _serve_and_compare(Path(out["mixed"]), vllm_python, eval_args, tmp_path, "two groups + bf16 28-29")
-    assert sum(n for what, n in served["schemes"].items() if "CompressedTensorsW8A8Int8" in what) == 28 * 4
+    for name, folder, int8_linears in (("two groups", out["deployed"], 30 * 4),
+                                       ("two groups + bf16 28-29", out["mixed"], 28 * 4)):
+        served = _serve_and_compare(Path(folder), vllm_python, eval_args, tmp_path, name,
+                                    serve_args=("--int8_kernel", "onednn"), tolerance=STATIC_TOLERANCE)
+        assert sum(n for what, n in served["schemes"].items() if "CompressedTensorsW8A8Int8" in what) == int8_linears
+        static = [layer for layer, e in served["layers"].items() if e.get("static_input")]
+        assert len(static) == int8_linears // 4 and all(layer.endswith("down_proj") for layer in static), static
+        assert served["int8_kernel_paths"] == ["onednn"], served["schemes"]
+        assert not served["ignored_static_input_scales"], served["ignored_static_input_scales"]
