@@ -43,6 +43,12 @@ STATIC_EXPERTS_UNSERVED = (
 )
 """What training or deploying a MoE model with static activations warns (our loader reads it either way)."""
 
+W8_STATIC_AMX_DYNAMIC = (
+    "vLLM 0.32 on an x86 CPU with AMX runs int8 linears through a kernel that ignores static input scales "
+    "(_apply_weights_sgl in vllm/model_executor/kernels/linear/scaled_mm/cpu.py quantizes per token): there it "
+    "serves this checkpoint as dynamic, not as trained; GPUs and CPUs without AMX apply the scales "
+    "(scripts/check_serving.py --int8_kernel onednn forces them on CPU)"
+)
 W4_STATIC_INT8_UNSERVED = (
     "vLLM has no kernel for int4 weights with static int8 activations and refuses this checkpoint "
     "('No compressed-tensors compatible scheme was found'): for vLLM use --act dynamic (int8 per token), "
@@ -232,6 +238,8 @@ def serving_notes(scheme: QuantScheme, moe: bool = False, mla: bool = False) -> 
         notes.append(STATIC_EXPERTS_UNSERVED)
     if scheme.w_bits == 4 and scheme.act_mode == "static":
         notes.append(W4_STATIC_INT8_UNSERVED)
+    if scheme.w_bits == 8 and scheme.act_mode == "static":
+        notes.append(W8_STATIC_AMX_DYNAMIC)
     if scheme.act_format == "fp8":
         notes.append(W4A8_FP8_HOPPER_ONLY)
         if scheme.group_size != 128:

@@ -31,6 +31,7 @@ from cores.deploy.run import serving_warnings
 from cores.formats.compressed_tensors import dequantize_codes, weight_codes
 from cores.models.streaming import StreamingModel
 from cores.quantization import MLA_KV_NOT_VLLM, get_scheme
+from cores.quantization.schemes import W8_STATIC_AMX_DYNAMIC
 from cores.utils.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader
 
 FAMILIES = ["deepseek_v3", "deepseek_v3_fp8", "deepseek_v32", "qwen3_moe"]
@@ -220,11 +221,12 @@ def test_static_experts_are_flagged_for_serving(sources, deployed):
     """vLLM's int8 fused-MoE kernels take dynamic per-token activations only: a static MoE deploy says so."""
     report = json.loads((deployed("deepseek_v3", "w8a8c8") / "deploy_report.json").read_text())
     warnings = report["serving_warnings"]  # and, a C8 MLA model, that vLLM loads no MLA cache scale
-    assert len(warnings) == 2 and "--act dynamic" in warnings[0] and "attn_mqa.k_scale" in warnings[1]
+    assert len(warnings) == 3 and "--act dynamic" in warnings[0] and "attn_mqa.k_scale" in warnings[2]
+    assert warnings[1] == W8_STATIC_AMX_DYNAMIC
     experts = ["model.layers.1.mlp.experts.0.up_proj"]
     dense = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_a_proj"]
     assert serving_warnings(get_scheme("w8a8c8", "dynamic"), experts) == []
-    assert serving_warnings(get_scheme("w8a8c8", "static"), dense) == []
+    assert serving_warnings(get_scheme("w8a8c8", "static"), dense) == [W8_STATIC_AMX_DYNAMIC]
     assert serving_warnings(None, experts) == []
     mla = ["model.layers.0.self_attn.kv_a_proj_with_mqa"]
     assert serving_warnings(get_scheme("w8a8c8", "dynamic"), mla) == [MLA_KV_NOT_VLLM]

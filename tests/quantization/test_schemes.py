@@ -118,10 +118,10 @@ def test_matches_regex_and_glob() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "moe", "expected"),
     [
-        ({"name": "w8a8c8", "act": "static"}, False, []),
+        ({"name": "w8a8c8", "act": "static"}, False, ["ignores static input scales"]),
         ({"name": "w8a8c8", "act": "dynamic"}, True, []),
         ({"name": "w4a8c8", "act": "dynamic"}, True, []),
-        ({"name": "w8a8c8", "act": "static"}, True, ["--act dynamic"]),
+        ({"name": "w8a8c8", "act": "static"}, True, ["--act dynamic", "ignores static input scales"]),
         ({"name": "w4a8c16", "act": "static"}, False, ["static int8 activations"]),
         ({"name": "w4a8c16", "act": "dynamic", "act_format": "fp8"}, False, ["Hopper"]),
         ({"name": "w4a8c16", "act": "dynamic", "act_format": "fp8", "group_size": 64}, False,
