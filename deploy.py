@@ -21,7 +21,7 @@ import logging
 import sys
 
 from cores.deploy import DeployConfig, deploy, quant_types
-from cores.cli import at_least, check_output_folder, run_main
+from cores.cli import add_config_flag, at_least, check_output_folder, config_from_args, run_main
 from cores.quantization.fp8_block import FP8_MODES
 from cores.utils.logging import setup_logging
 
@@ -29,10 +29,14 @@ log = logging.getLogger("deploy")
 
 
 def parse_args(argv: list[str] | None = None) -> DeployConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input_weight_path", required=True, help="FP model folder (bf16 or FP8)")
-    p.add_argument("--output_weight_path", required=True, help="folder to create")
-    p.add_argument("--quant_type", required=True, help=f"one of {', '.join(quant_types())}")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
+    add_config_flag(p)
+    p.add_argument("--input_weight_path", "--model", dest="input_weight_path",
+                   help="FP model folder (bf16 or FP8); required, here or in --config")
+    p.add_argument("--output_weight_path", "--output_dir", dest="output_weight_path",
+                   help="folder to create; required, here or in --config")
+    p.add_argument("--quant_type", "--scheme", dest="quant_type",
+                   help=f"one of {', '.join(quant_types())}; required, here or in --config")
     p.add_argument("--param_dir", help="learned params from main.py (default: round-to-nearest)")
     p.add_argument("--mla_param_path", help="params of --train_mode mla, when kept apart from --moe_param_path")
     p.add_argument("--moe_param_path", help="params of --train_mode moe, when kept apart from --mla_param_path")
@@ -43,10 +47,10 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
                    help="activation codes (default: the param dir's, else int8); fp8 needs dynamic activations "
                         "and a w4 scheme")
     p.add_argument("--group_size", type=at_least(1), help="W4 group size (default: the param dir's, else 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
     p.add_argument("--verify_samples", type=at_least(1),
                    help="verify N quantized tensors drawn at random (default: all)")
-    p.add_argument("--max_shard_size", default="5GB", help="output shard size limit (default: 5GB)")
+    p.add_argument("--max_shard_size", help="output shard size limit (default: 5GB)")
     p.add_argument("--fp8_mode", choices=list(FP8_MODES),
                    help="fp8: tile scales from the absmax (max, default), k x rms (rms), a percentile of |w| "
                         "(percentile) or the least squared error over a grid of clips (mse)")
@@ -57,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
                    help="fp8: calibration dump (extract_calib_data.py); weights each tile's error by the "
                         "activation mean square of its input channels (rms, percentile, mse)")
     a = p.parse_args(argv)
-    check_output_folder("--output_weight_path", a.output_weight_path)
-    return DeployConfig(**vars(a))
+    cfg = config_from_args(DeployConfig, a)
+    check_output_folder("--output_weight_path", cfg.output_weight_path)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
-from cores.cli import at_least, check_device, check_output_dir, check_output_file, run_main
+from cores.cli import (add_config_flag, at_least, check_device, check_output_dir, check_output_file,
+                       config_from_args, device_flag, run_main)
 from cores.eval.perplexity import PplConfig, evaluate_ppl, write_result
 from cores.utils.logging import setup_logging
 
@@ -20,29 +22,28 @@ log = logging.getLogger("eval_ppl")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face model folder (bf16 or FP8)")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, or a .txt / .parquet file or a folder")
-    p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--seq_len", type=at_least(2), default=2048, help="window length in tokens (default: 2048)")
-    p.add_argument("--output_json", help="write the result here as JSON")
-    p.add_argument("--dev", default="cpu", help="cpu, cuda:N or N (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--batch_size", type=at_least(1), default=1, help="windows per forward (default: 1)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
+    add_config_flag(p)
+    p.add_argument("--model", help="Hugging Face model folder (bf16, FP8 or deployed); required, here or in --config")
+    p.add_argument("--dataset", help="wikitext2 (default), or a .txt / .parquet file or a folder")
+    p.add_argument("--split", help="dataset split (default: test)")
+    p.add_argument("--seq_len", type=at_least(2), help="window length in tokens (default: 2048)")
+    p.add_argument("--output_json", help="write the result here as JSON (a flag only, not a --config key)")
+    p.add_argument("--dev", help="cpu, cuda:N or N (default: cpu)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto (default) = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--batch_size", type=at_least(1), help="windows per forward (default: 1)")
     p.add_argument("--max_windows", type=at_least(1), help="evaluate only the first N windows")
     p.add_argument("--offload_dir", help="keep hidden states in a file here instead of RAM")
     p.add_argument("--param_dir", help="evaluate the fake-quantized model with params from main.py")
     p.add_argument("--mla_param_path", help="params of --train_mode mla, when kept apart from --moe_param_path")
     p.add_argument("--moe_param_path", help="params of --train_mode moe, when kept apart from --mla_param_path")
     a = p.parse_args(argv)
-    check_output_file("--output_json", a.output_json)
-    check_output_dir("--offload_dir", a.offload_dir)
-    return PplConfig(model=a.model, dataset=a.dataset, split=a.split, seq_len=a.seq_len,
-                     device=check_device("--dev", a.dev), dtype=a.dtype, batch_size=a.batch_size,
-                     max_windows=a.max_windows,
-                     offload_dir=a.offload_dir, param_dir=a.param_dir,
-                     mla_param_path=a.mla_param_path, moe_param_path=a.moe_param_path), a.output_json
+    output_json = a.__dict__.pop("output_json")
+    check_output_file("--output_json", output_json)
+    cfg = config_from_args(PplConfig, a)
+    check_output_dir("--offload_dir", cfg.offload_dir)
+    return dataclasses.replace(cfg, device=check_device(device_flag(a), cfg.device)), output_json
 
 
 def main(argv: list[str] | None = None) -> int:

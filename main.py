@@ -23,7 +23,7 @@ import sys
 from cores.calibrator.params import TRAIN_MODES
 from cores.calibrator.trainer import TrainConfig, run_training, summarize
 from cores.quantization import scheme_names
-from cores.cli import UsageError, at_least, check_device, check_output_dir, run_main
+from cores.cli import UsageError, add_config_flag, at_least, check_device, check_output_dir, device_flag, run_main
 from cores.utils.config import build_config
 from cores.utils.distributed import distributed
 from cores.utils.logging import setup_logging
@@ -44,7 +44,7 @@ def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) ->
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    add_config_flag(p)
     p.add_argument("--model", help="FP model folder (bf16 or FP8)")
     p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
     p.add_argument("--output_dir", help="param dir to write")
@@ -106,8 +106,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     flags.update(scheme=a.scheme or from_bits)
     cfg = build_config(TrainConfig, a.config, flags)
     check_output_dir("--output_dir", cfg.output_dir)
-    flag = f"device (in {a.config})" if a.dev is None and a.config else "--dev"
-    device = check_device(flag, cfg.device if a.dev is None else a.dev)
+    device = check_device(device_flag(a), cfg.device if a.dev is None else a.dev)
     return dataclasses.replace(cfg, device=device), a
 
 

@@ -22,6 +22,7 @@ from .calibrator.params import ParamDirError
 from .deploy.writer import DeployError
 from .models.registry import UnsupportedModelError
 from .utils.checkpoint import CheckpointError
+from .utils.config import build_config
 from .utils.data import DatasetNotFoundError
 from .utils.io import temp_path
 
@@ -170,3 +171,27 @@ def check_output_folder(flag: str, path: str | Path) -> None:
                          "remove the file or choose another path")
     _check_creatable(flag, path)
     check_output_dir(f"{flag} (its staging folder)", path.with_name(path.name + ".partial"))
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    """``--config``, shared by the four entry points: a YAML file of options, which flags given override."""
+    p.add_argument("--config", help="YAML file with any of the options below, by field name (flags override it)")
+
+
+def config_from_args(cls: type, a: argparse.Namespace, rename: dict[str, str] | None = None):
+    """``cls`` (a run config dataclass) from ``a.config``'s YAML file and the flags that were given.
+
+    Precedence: the dataclass defaults < the YAML file < the flags (argparse defaults must be None, so a flag
+    not given does not hide the file's value). ``--dev`` fills the ``device`` field.
+
+    Raises:
+        ValueError: for a YAML key that is not a field (naming the valid ones) and for a required field that
+            neither gives.
+    """
+    names = {"dev": "device", **(rename or {})}
+    return build_config(cls, a.config, {names.get(k, k): v for k, v in vars(a).items() if k != "config"})
+
+
+def device_flag(a: argparse.Namespace) -> str:
+    """How to name the device option in a message: ``--dev``, or the YAML file it came from."""
+    return f"device (in {a.config})" if a.dev is None and a.config else "--dev"

@@ -177,6 +177,44 @@ def test_cli_yaml_config_and_errors(tiny, tmp_path):
                                     "--dataset", str(tmp_path / "nope.txt")]) == 2
 
 
+def test_every_entry_point_reads_a_yaml_config(tiny, tmp_path, caplog):
+    """``--config`` on extract / eval / deploy as on main.py: defaults < YAML < flags; a bad key is named and
+    exits 2; ``--model`` / ``--output_dir`` / ``--scheme`` are deploy's names too."""
+    import deploy as deploy_cli
+
+    model, text, _ = tiny
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(f"model: {model}\ndataset: {text}\nn_samples: 4\nseq_len: 64\n")
+    dump = tmp_path / "dump"
+    assert extract_calib_data.main(["--config", str(cfg), "--output_dir", str(dump), "--seq_len", "16"]) == 0
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert (manifest["n_samples"], manifest["seq_len"]) == (4, 16)
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {model}\ndataset: {text}\nsplit: train\nseq_len: 16\nmax_windows: 3\n")
+    result = tmp_path / "ppl.json"
+    assert eval_ppl.main(["--config", str(cfg), "--max_windows", "2", "--output_json", str(result)]) == 0
+    assert json.loads(result.read_text())["windows"] == 2
+
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text("quant_type: w8a8c16\nmax_shard_size: 20KB\n")
+    out = tmp_path / "deployed"
+    assert deploy_cli.main(["--config", str(cfg), "--model", str(model), "--output_dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(list(out.glob("*.safetensors"))) > 1
+    assert deploy_cli.main(["--config", str(cfg), "--model", str(model), "--output_dir", str(out),
+                            "--scheme", "w4a8c16", "--group_size", "32", "--overwrite"]) == 0
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["weights"]["num_bits"] for g in groups.values()] == [4]
+
+    caplog.clear()
+    cfg.write_text("quant_typ: w8a8c16\n")
+    assert deploy_cli.main(["--config", str(cfg), "--model", str(model), "--output_dir", str(tmp_path / "d2")]) == 2
+    assert "quant_typ" in caplog.text and "valid:" in caplog.text
+    assert eval_ppl.main(["--dataset", str(text)]) == 2
+    assert "missing required option(s) --model" in caplog.text
+
+
 def test_torchrun_two_ranks_split_the_blocks(tiny, tmp_path):
     import os
     import subprocess
@@ -195,3 +233,26 @@ def test_torchrun_two_ranks_split_the_blocks(tiny, tmp_path):
     params = ParamDir(out)
     assert params.done_blocks() == [0, 1, 2]
     assert "3 blocks in" in proc.stdout  # rank 0 prints the summary once all ranks are done
+
+
+def test_full_name_ignore_entry_keeps_one_layer_in_training_and_deploy(tiny, tmp_path):
+    """A compressed-tensors ``ignore`` entry (a full module name) matches in training as it does in deploy:
+    that one layer of that one block stays float, in the param dir, the deployed folder and its config."""
+    from cores.deploy import DeployConfig, deploy
+    from cores.quantization import DEFAULT_IGNORE
+
+    model, _, dump = tiny
+    kept = "model.layers.1.mlp.down_proj"
+    params = run_training(TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "p"),
+                                      scheme="w8a8c16", act="dynamic", epochs=1,
+                                      ignore=(*DEFAULT_IGNORE, kept)))
+    assert not any(k.startswith("mlp.down_proj.") for k in params.load_block(1))
+    assert any(k.startswith("mlp.down_proj.") for k in params.load_block(0))
+    out = tmp_path / "deployed"
+    deploy(DeployConfig(str(model), str(out), "w8a8c16", param_dir=str(params.path)))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert kept in config["ignore"] and "model.layers.0.mlp.down_proj" not in config["ignore"]
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    fake, _ = StreamingModel(model).sequence_nll(ids, block_transform=params.block_transform(3))
+    ours, _ = StreamingModel(out).sequence_nll(ids)
+    assert abs(ours - fake) <= 1e-6 * abs(fake)

@@ -207,8 +207,8 @@ class ParamDir:
     def check_model(self, fingerprint: str) -> None:
         ParamSet([self]).check_model(fingerprint)
 
-    def block_transform(self, num_blocks: int, frozen: bool = True):
-        return ParamSet([self]).block_transform(num_blocks, frozen)
+    def block_transform(self, num_blocks: int, frozen: bool = True, block_prefix=None):
+        return ParamSet([self]).block_transform(num_blocks, frozen, block_prefix)
 
 
 class ParamSet:
@@ -291,13 +291,15 @@ class ParamSet:
             state.update(d.load_block(idx, mode))
         return state
 
-    def block_transform(self, num_blocks: int, frozen: bool = True):
+    def block_transform(self, num_blocks: int, frozen: bool = True, block_prefix=None):
         """``(idx, block) -> quantized block`` with these params.
 
         Args:
             num_blocks: blocks the model has; every one must have params.
             frozen: freeze the block (weights quantized once, cached for its forward).
                 Deploy passes False: it quantizes each weight once itself.
+            block_prefix: ``idx -> "model.layers.{idx}."``, the full name ignore entries and overrides match
+                under (the model's ``family.block_prefix``); None: the family of the params' ``model_type``.
 
         Raises:
             ParamDirError: when some block has no params yet.
@@ -308,17 +310,16 @@ class ParamSet:
             gaps = "; ".join(f"{mode} params for blocks {_ranges(blocks)}" for mode, blocks in missing.items())
             raise ParamDirError(f"{where} has no {gaps}; run main.py for them")
         identity, scheme, targets = self.identity(), self.scheme(), self.target_schemes()
-        family = None
-        if targets is not None:  # overrides match full names: the block's prefix comes from its family
+        if block_prefix is None:  # ignore entries and overrides match full names
             from ..models.registry import get_family
 
-            family = get_family(identity["model_type"])
+            block_prefix = get_family(identity["model_type"]).block_prefix
 
         def transform(idx: int, block: nn.Module) -> nn.Module:
             quantize_block(block, scheme, identity["ignore"], identity["lwc"], identity["lac"],
                            rounding=identity.get("rounding", False), smooth=identity.get("smooth", False),
                            smooth_dtype=smooth_dtype(identity) or torch.bfloat16, targets=targets,
-                           prefix=family.block_prefix(idx) if family else "")
+                           prefix=block_prefix(idx))
             load_quant_state(block, self.load_block(idx), f"params of block {idx} in {', '.join(map(str, self.paths))}")
             return freeze(block) if frozen else block
 

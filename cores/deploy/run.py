@@ -218,7 +218,8 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel
                           f"{scheme.act_mode} {scheme.act_format}, kv {scheme.kv_format}, group {scheme.group_size}): "
                           f"{'; '.join(clash)}")
     params.check_model(model_fingerprint(model.reader))
-    learned = params.block_transform(model.num_blocks, frozen=False)  # refuses a param dir with blocks missing
+    # refuses a param dir with blocks missing
+    learned = params.block_transform(model.num_blocks, frozen=False, block_prefix=model.family.block_prefix)
     files = {f"{i}/{p.name}": [p.stat().st_size, p.stat().st_mtime_ns] for i, d in enumerate(params.paths)
              for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")}
     return scheme, list(identity["ignore"]), learned, {"run": identity, "files": files}, params.target_schemes()

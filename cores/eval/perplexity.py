@@ -102,7 +102,7 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
             raise ValueError(f"{cfg.model} is a deployed (compressed-tensors) checkpoint: it already carries its "
                              "quantization; --param_dir applies to the float model it was made from")
         params.check_model(model_fingerprint(model.reader))
-        block_transform = params.block_transform(model.num_blocks)
+        block_transform = params.block_transform(model.num_blocks, block_prefix=model.family.block_prefix)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         log.warning("seq_len %d exceeds the model's max_position_embeddings %d", cfg.seq_len, max_pos)

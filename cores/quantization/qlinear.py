@@ -227,8 +227,9 @@ def quantize_linears(
     Args:
         module: Root module (e.g. one decoder block); it is not replaced itself.
         scheme: Quantization settings.
-        ignore: Patterns on module-relative names (``re:`` regex or fnmatch glob,
-            see :func:`~cores.quantization.schemes.matches`).
+        ignore: Patterns (``re:`` regex or fnmatch glob, see :func:`~cores.quantization.schemes.matches`) on
+            module-relative names and, when ``prefix`` is given, on full names too: a compressed-tensors
+            ``ignore`` entry (``model.layers.3.mlp.down_proj``) keeps that one layer in high precision.
         lwc: Learn weight clipping.
         lac: Learn activation clipping for static activations.
         rounding: Learn a rounding offset per weight.
@@ -236,7 +237,7 @@ def quantize_linears(
             ``"self_attn."``); names are still matched against ``ignore`` in full.
         targets: Per-target schemes, matched on ``prefix + name`` (the full module name); ``scheme`` is then
             only the default of ``targets`` (None: ``scheme`` for every layer).
-        prefix: ``module``'s full name followed by a dot (``model.layers.3.``), for ``targets``.
+        prefix: ``module``'s full name followed by a dot (``model.layers.3.``), for ``targets`` and ``ignore``.
 
     Returns:
         The new layers by module-relative name, in ``FLOAT`` state.
@@ -248,7 +249,8 @@ def quantize_linears(
     found = [
         (name, child)
         for name, child in module.named_modules()
-        if name.startswith(scope) and isinstance(child, nn.Linear) and not matches(name, ignore)
+        if name.startswith(scope) and isinstance(child, nn.Linear)
+        and not (matches(name, ignore) or (prefix and matches(prefix + name, ignore)))
     ]
     replaced: dict[str, QuantLinear] = {}
     for name, linear in found:

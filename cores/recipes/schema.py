@@ -166,25 +166,15 @@ class Recipe:
         return [t.pattern for t in self.ignore]
 
     def block_ignore(self) -> tuple[str, ...]:
-        """The ignore patterns that apply inside every decoder block (for ``TrainConfig.ignore``).
+        """The ignore patterns that can name linears of a decoder block (for ``TrainConfig.ignore``).
 
-        Training matches patterns against block-relative names, so only position-independent regexes
-        (``re:.*<suffix>``) carry over; names outside the blocks (``lm_head``, embeddings) and class
-        names are not linears of a block and are dropped.
-
-        Raises:
-            RecipeError: For an entry that names block modules by position (``re:model\\.layers\\.3\\..*``
-                or an exact block module name): whole layers go in ``bf16_layers``.
+        Training matches them as deploy does, on full module names (and on block-relative ones), so
+        position-independent regexes (``re:.*<suffix>``) and entries naming one block's modules
+        (``model.layers.3.mlp.down_proj``, ``re:model\\.layers\\.3\\..*``) carry over; names outside the
+        blocks (``lm_head``, embeddings) and class names are dropped.
         """
-        out = []
-        for t in self.ignore:
-            if t.is_regex and t.pattern.startswith("re:.*"):
-                out.append(t.pattern)
-            elif re.search(r"layers(\\)?\.", t.pattern):
-                raise RecipeError(f"{t.where}: ignore entry {t.pattern!r} names block modules by layer; training "
-                                  "applies one ignore list to every block: keep whole layers in BF16 with "
-                                  "bf16_layers, or write a position-independent 're:.*<suffix>' pattern")
-        return tuple(out)
+        return tuple(t.pattern for t in self.ignore
+                     if (t.is_regex and t.pattern.startswith("re:.*")) or re.search(r"layers(\\)?\.", t.pattern))
 
     def train_options(self) -> dict[str, Any]:
         """``TrainConfig`` fields from the recipe: scheme, options, block ignore list and ``training``."""

@@ -160,7 +160,8 @@ def layer_sensitivity(cfg: SensitivityConfig, layers: Sequence[int] | None = Non
                     stores[idx].write(lo, float_store.read(lo, lo + bs))
             run(block, float_store)
             if idx in chosen:
-                run(freeze(quantize_block(block, scheme, cfg.ignore, lwc=False, lac=False)), stores[idx])
+                run(freeze(quantize_block(block, scheme, cfg.ignore, lwc=False, lac=False,
+                                               prefix=model.family.block_prefix(idx))), stores[idx])
             del block
         norm, weight = model.final_norm(), model.lm_head_weight()
         kl = {i: 0.0 for i in chosen}

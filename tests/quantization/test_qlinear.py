@@ -265,3 +265,13 @@ def test_set_quant_state_drives_the_lifecycle() -> None:
     set_quant_state(block, QuantState.FLOAT)
     assert torch.equal(block(x), expected)
     assert all(q._frozen_codes is None for q in replaced.values())
+
+
+def test_quantize_linears_matches_full_names_under_prefix() -> None:
+    """A compressed-tensors ``ignore`` entry names one module in full: it holds in that block only."""
+    ignore = ["model.layers.3.self_attn.q_proj", r"re:model\.layers\.3\.mlp\.experts\.0\..*"]
+    there = quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore, prefix="model.layers.3.")
+    elsewhere = quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore, prefix="model.layers.2.")
+    assert set(elsewhere) - set(there) == {"self_attn.q_proj", *(f"mlp.experts.0.{p}" for p in
+                                                                 ("gate_proj", "up_proj", "down_proj"))}
+    assert set(quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore)) == set(elsewhere)

@@ -96,10 +96,12 @@ def test_model_checks_name_the_line():
     assert "model.layers.1.mlp.up_proj" in check_against_model(by_class, config, family)
 
 
-def test_positional_ignore_does_not_reach_training():
-    r = parse_recipe("version: 1\nscheme: w8a8c8\nignore:\n  - model.layers.3.mlp.down_proj\n", "r.yaml")
-    with pytest.raises(RecipeError, match=r"^r\.yaml:4: .*bf16_layers"):
-        r.train_options()
+def test_positional_ignore_reaches_training():
+    """Training matches full names as deploy does: one block's module in ``ignore`` reaches ``TrainConfig``;
+    names outside the blocks do not."""
+    r = parse_recipe("version: 1\nscheme: w8a8c8\nignore:\n  - lm_head\n  - model.layers.3.mlp.down_proj\n"
+                     "  - 're:model\\.layers\\.4\\..*'\n", "r.yaml")
+    assert r.train_options()["ignore"] == ("model.layers.3.mlp.down_proj", r"re:model\.layers\.4\..*")
 
 
 def test_layer_ranges():
