@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..models.streaming import HiddenStore
-from ..utils.io import atomic_write_text, file_change, file_record, load_json, temp_path
+from ..utils.io import atomic_file, atomic_write_text, file_change, file_record, load_json
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +159,16 @@ def write_tensor_streaming(path: Path, store: HiddenStore, batch_rows: int, key:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for lo in range(0, len(store), batch_rows):
-            f.write(store.read(lo, lo + batch_rows).contiguous().view(-1).view(torch.uint8).numpy())
-        f.flush()
-        os.fsync(f.fileno())
-    if files is not None:
-        files.record(path.name, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for lo in range(0, len(store), batch_rows):
+                f.write(store.read(lo, lo + batch_rows).contiguous().view(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        if files is not None:
+            files.record(path.name, tmp)
 
 
 class HiddenDump:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from ..models.streaming import HiddenStore, StreamingModel
 from ..utils.checkpoint import model_fingerprint
 from ..utils.data import calibration_samples, load_text
-from ..utils.io import remove_stale_temps, temp_path
+from ..utils.io import atomic_file, remove_stale_temps
 from .dump import (MANIFEST, TOKENS, DumpError, DumpFiles, DumpManifest, HiddenDump, boundary_path,
                    write_tensor_streaming)
 
@@ -141,10 +141,9 @@ def extract_calibration(cfg: ExtractConfig) -> DumpManifest:
         text = load_text(cfg.dataset, cfg.split)
         tokens = calibration_samples(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed,
                                      source=f"--dataset {cfg.dataset} (split {cfg.split})")
-        tmp = temp_path(out / TOKENS)
-        save_file({"input_ids": tokens.contiguous()}, str(tmp))
-        files.record(TOKENS, tmp)
-        tmp.replace(out / TOKENS)
+        with atomic_file(out / TOKENS) as tmp:
+            save_file({"input_ids": tokens.contiguous()}, str(tmp))
+            files.record(TOKENS, tmp)
 
     shape = (cfg.n_samples, cfg.seq_len, model.hidden_size)
     with HiddenStore.create(shape, DUMP_DTYPE) as store:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..calibrator.dump import MANIFEST, DumpError, DumpFiles, DumpManifest
 from ..models.streaming import StreamingModel
 from ..utils.checkpoint import CheckpointReader, model_fingerprint
-from ..utils.io import load_json
+from ..utils.io import atomic_file, load_json
 from .writer import DeployError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ def collect_act_stats(model_dir: str | Path, dump_dir: str | Path, out_dir: Path
         block = model.load_block(idx)
         batches = (dump.read(lo, lo + batch_size).float() for lo in range(0, len(dump), batch_size))
         stats = block_act_stats(block, model.family.block_prefix(idx), batches, cos, sin)
-        save_file(stats, str(_stats_path(out_dir, idx)))
+        with atomic_file(_stats_path(out_dir, idx)) as tmp:
+            save_file(stats, str(tmp))
         del block
     log.info("activation statistics of %d blocks from %s (%d samples x %d tokens)", model.num_blocks, dump_dir,
              manifest.n_samples, manifest.seq_len)

@@ -39,7 +39,7 @@ from ..deploy.writer import REPORT_NAME, DeployError, StagedOutput, TensorSpec
 from ..formats.compressed_tensors import WEIGHT_NAMES
 from ..models.registry import get_family
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
-from ..utils.io import atomic_write_text, load_json, temp_path
+from ..utils.io import atomic_file, atomic_write_text, load_json
 from .schema import format_layer_ranges
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,8 @@ def restore_bf16_layers(deployed_dir: str | Path, source_dir: str | Path, layers
             added = [k for k in source_keys if layer_shard.get(_layer_of(k, prefix)) == shard]
             for key, tensor in source.read(added).items():
                 tensors[key] = tensor.to(torch.bfloat16) if tensor.dtype.itemsize == 1 else tensor
-            tmp = temp_path(staged.partial / shard)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            tmp.replace(staged.partial / shard)
+            with atomic_file(staged.partial / shard) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
             staged.record_shard(shard, [TensorSpec.of(k, v) for k, v in tensors.items()], [])
             log.info("%s: %d tensors (%d restored from %s)", shard, len(tensors), len(added), source.model_dir)
             del tensors

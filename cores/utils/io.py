@@ -1,7 +1,8 @@
 """Files that survive ``kill -9``: atomic writes, owned temporary names, file records, locks.
 
 - A partial file never carries the final name: it is written under :func:`temp_path`
-  (hidden, tagged with the writing host and process) and renamed when complete;
+  (hidden, tagged with the writing host and process) and renamed when complete
+  (:func:`atomic_file`);
   :func:`remove_stale_temps` deletes the temporary files that dead processes of this
   host left behind, and never those of a live process or of another host.
 - :func:`file_record` is a file's size and a cheap checksum; :func:`file_change`
@@ -82,20 +83,30 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """The one way a file gets its final name: write to the yielded temporary name next to ``path``.
+
+    It is renamed to ``path`` when the ``with`` body ends without error and removed when it raises,
+    so ``path`` is either absent, the old file, or complete. A body may record the temporary file
+    (size, checksum) before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`, flushed to disk before the rename."""
+    with atomic_file(path) as tmp, open(tmp, "x") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_json(path: str | Path, error: type[Exception], what: str = "") -> dict:
