@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark ``deploy.py --quant_type fp8``: every calibration mode, with and without activation statistics.
 
-For SmolLM2-135M (``assets/smollm2-135m``), and optionally a random sharded llama (``--models tiny`` / ``both``),
+For SmolLM2-135M (``assets/smollm2-135m``), and optionally a random sharded llama (``--models tiny`` / ``both``)
+and a random Qwen3-Next (``--models qwen3_next`` / ``all``),
 one row per mode x activation-aware:
 
 1. ppl of the FP8 checkpoint through our loader (``eval_ppl.py``) against the BF16 source, on the same
@@ -19,7 +20,7 @@ The calibration dump is made here with ``extract_calib_data.py`` unless ``--cali
 Usage (OMP_NUM_THREADS=1 measures one core; on a shared machine it also avoids OpenMP spin-waiting
 against other jobs):
     python bench/bench_fp8.py [--calib_dir DUMP] [--eval_windows 16] [--seq_len 512] [--repeat 2] \
-        [--models smollm2|tiny|both]
+        [--models smollm2|tiny|qwen3_next|both|all]
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ from cores.deploy import DeployConfig, deploy  # noqa: E402
 CASES = [("max", False), ("rms", False), ("rms", True), ("percentile", False), ("percentile", True),
          ("mse", False), ("mse", True)]
 TINY_CASES = [("max", False), ("mse", False), ("mse", True)]
+QWEN3_NEXT = dict(  # every linear on the 128-row tile grid but the 64-row k / v (vLLM merges them with q: kept)
+    hidden_size=512, num_hidden_layers=4, head_dim=64, num_attention_heads=8, num_key_value_heads=1,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+    decoder_sparse_step=1, mlp_only_layers=[1], intermediate_size=1024, max_shard_size="20MB")
 
 
 def ppl(model: Path, corpus: Path, seq_len: int, windows: int, out_json: Path) -> float:
@@ -127,8 +134,10 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=16, help="ppl windows (default 16)")
     p.add_argument("--seq_len", type=int, default=512, help="ppl window length (default 512)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs of each deploy; the best counts (default 2)")
-    p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "both"],
-                   help="SmolLM2 (default), a random bf16 llama (hidden 1024, 8 blocks, 4 shards), or both")
+    p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "qwen3_next", "both", "all"],
+                   help="SmolLM2 (default), a random bf16 llama (hidden 1024, 8 blocks, 4 shards), a random bf16 "
+                        "Qwen3-Next (hidden 512, DeltaNet + gated attention + MoE, 4 blocks), both (SmolLM2 + "
+                        "llama) or all")
     args = p.parse_args()
     logging.basicConfig(level="ERROR")
     logging.getLogger("cores").setLevel(logging.ERROR)
@@ -136,17 +145,22 @@ def main() -> None:
     corpus, src = Path(args.corpus), Path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.models in ("smollm2", "both"):
+        if args.models in ("smollm2", "both", "all"):
             calib = Path(args.calib_dir) if args.calib_dir else make_dump(src, corpus, work / "calib",
                                                                           args.calib_samples, args.calib_seq_len)
             bench_model(src.name, src, corpus, calib, CASES, work, args.seq_len, args.eval_windows, args.repeat)
-        if args.models in ("tiny", "both"):
+        if args.models in ("tiny", "both", "all"):
             tiny, _ = tiny_bf16_model(work / "tiny", "llama", train_text(400_000), hidden_size=1024,
                                       intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
                                       num_hidden_layers=8, max_shard_size="55MB")
             tiny_calib = make_dump(tiny, corpus, work / "tiny-calib", 8, 256)
             bench_model("random llama hidden 1024, 8 blocks", tiny, corpus, tiny_calib, TINY_CASES, work, 256, 8,
                         args.repeat)
+        if args.models in ("qwen3_next", "all"):
+            qnext, _ = tiny_bf16_model(work / "qwen3_next", "qwen3_next", train_text(400_000), **QWEN3_NEXT)
+            qnext_calib = make_dump(qnext, corpus, work / "qwen3_next-calib", 8, 256)
+            bench_model("random Qwen3-Next hidden 512, 4 blocks (3 DeltaNet, 1 gated attention)", qnext, corpus,
+                        qnext_calib, CASES, work, 256, 8, args.repeat)
 
 
 if __name__ == "__main__":
