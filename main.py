@@ -1,128 +1,13 @@
 #!/usr/bin/env python
 """Learn block-wise quantization parameters from a calibration dump.
 
-Each block in [--start_block_idx, --end_block_idx) trains on its own: input = dumped
-FP input of block i, target = dumped FP input of block i+1. Rerunning skips
-finished blocks. Under torchrun each rank takes a disjoint share of the blocks. Example:
-
-    python main.py --model assets/smollm2-135m --data_dir outputs/calib \
-        --output_dir outputs/params_w8a8c8 --scheme w8a8c8 --epochs 5
-
-MLA + MoE models can train the two halves of each block as separate jobs into one
-param dir (the seed's flow): ``--train_mode mla --cls c8`` then
-``--train_mode moe --cls bf16``, each on any block range.
+The command lives in :mod:`cores.cli.train` (``--help`` for its flags); installed, it is also
+``blockptq-train``.
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import logging
 import sys
 
-from cores.calibrator.params import TRAIN_MODES
-from cores.calibrator.trainer import TrainConfig, run_training, summarize
-from cores.quantization import scheme_names
-from cores.cli import UsageError, add_config_flag, at_least, check_device, check_output_dir, device_flag, run_main
-from cores.utils.config import build_config
-from cores.utils.distributed import distributed
-from cores.utils.logging import setup_logging
-
-log = logging.getLogger("main")
-
-
-def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) -> str | None:
-    """The seed's ``--w_bits/--a_bits/--cls`` spelling as a scheme name."""
-    if w_bits is None and cls is None:
-        return None
-    if a_bits not in (None, 8):
-        raise UsageError(f"--a_bits {a_bits}: only 8-bit activations are supported")
-    if cls not in (None, "c8", "bf16"):
-        raise UsageError(f"--cls must be c8 or bf16, got {cls!r}")
-    return f"w{w_bits or 8}a8{'c8' if cls == 'c8' else 'c16'}"
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
-    p.add_argument("--model", help="FP model folder (bf16 or FP8)")
-    p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
-    p.add_argument("--output_dir", help="param dir to write")
-    p.add_argument("--scheme", choices=scheme_names(), help="quantization scheme (default w8a8c8)")
-    p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default dynamic)")
-    p.add_argument("--act_format", choices=["int8", "fp8"],
-                   help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
-                        "w4 scheme (the W4A8 vLLM runs on GPU)")
-    p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default fp8)")
-    p.add_argument("--group_size", type=at_least(1), help="W4 group size along the input dim (default 128)")
-    p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
-    p.add_argument("--lac", action=argparse.BooleanOptionalAction,
-                   help="learn activation / KV clipping (default on)")
-    p.add_argument("--rounding", action=argparse.BooleanOptionalAction,
-                   help="learn a rounding offset per weight, jointly with the clips (default on)")
-    p.add_argument("--smooth", action=argparse.BooleanOptionalAction,
-                   help="learned smoothing between each norm / v_proj / up_proj and the linears reading it, "
-                        "SmoothQuant-initialised, folded into the checkpoint (default on; block mode)")
-    p.add_argument("--smooth_lr", type=float, help="learning rate of the log smoothing scales (default 5e-3)")
-    p.add_argument("--loss", choices=["norm_mse", "mse"],
-                   help="block loss: norm_mse (default), the MSE after the norm that reads the block's output; "
-                        "mse: on the raw residual stream")
-    p.add_argument("--epochs", "--epoch", dest="epochs", type=at_least(0), help="epochs per block (default 5)")
-    p.add_argument("--lr", "--base_lr", dest="lr", type=float,
-                   help="learning rate of the activation / KV clipping (default 1e-2 static, 2e-3 dynamic)")
-    p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default 1e-2 W4, 2e-3 W8)")
-    p.add_argument("--round_lr", type=float, help="learning rate of the rounding offsets (default 5e-3)")
-    p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
-    p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=at_least(1),
-                   help="samples per step (default 1)")
-    p.add_argument("--start_block_idx", type=at_least(0), help="first block (default 0)")
-    p.add_argument("--end_block_idx", type=at_least(1), help="one past the last block (default: all)")
-    p.add_argument("--train_mode", choices=list(TRAIN_MODES),
-                   help="block: whole blocks (default); mla: the attention sub-block and its KV cache; "
-                        "moe: the MLP sub-block, each routed expert on its own tokens")
-    p.add_argument("--min_expert_tokens", type=at_least(0),
-                   help="moe: routed experts with fewer calibration tokens keep RTN weights (default 32)")
-    p.add_argument("--rtn", action="store_true", default=None, help="round-to-nearest params, no training")
-    p.add_argument("--sequential", action="store_true", default=None,
-                   help="inputs = outputs of the quantized blocks before (slower, compensates error)")
-    p.add_argument("--dev", help="cpu, cuda:N, or N (default cpu)")
-    p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
-    seed = p.add_argument_group("seed spellings", "accepted for compatibility; they map onto --scheme")
-    seed.add_argument("--w_bits", type=int, choices=[4, 8])
-    seed.add_argument("--a_bits", type=int)
-    seed.add_argument("--cls", choices=["c8", "bf16"],
-                      help="c8: 8-bit KV cache, bf16: none (applies to block and mla; moe has no cache)")
-    for name in ("--q_bits", "--k_bits", "--v_bits"):
-        seed.add_argument(name, type=int, choices=[8], help="KV bits are set by --cls")
-    a = p.parse_args(argv)
-    from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
-    if from_bits and a.scheme and from_bits != a.scheme:
-        p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format",
-                                        "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
-                                        "round_lr", "weight_decay",
-                                        "batch_size", "start_block_idx", "end_block_idx", "train_mode",
-                                        "min_expert_tokens", "rtn", "sequential", "seed")}
-    flags.update(scheme=a.scheme or from_bits)
-    cfg = build_config(TrainConfig, a.config, flags)
-    check_output_dir("--output_dir", cfg.output_dir)
-    device = check_device(device_flag(a), cfg.device if a.dev is None else a.dev)
-    return dataclasses.replace(cfg, device=device), a
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    return run_main(lambda: _run(parse_args(argv)[0]), log)
-
-
-def _run(cfg: TrainConfig) -> int:
-    with distributed() as ranks:
-        params = run_training(cfg, ranks)
-        if ranks.rank != 0:
-            return 0
-    print(summarize(params))
-    return 0
-
+from cores.cli.train import main, parse_args  # noqa: F401  (parse_args: for callers that build configs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,63 +1,13 @@
 #!/usr/bin/env python
 """One command from an FP model to a deployed (optionally mixed-precision) checkpoint and its perplexity.
 
-Chains extract_calib_data.py, main.py, deploy.py, the BF16-layer mix and eval_ppl.py, driven by a
-recipe (cores/recipes/); rerunning resumes, each stage skipping what it finished. Example:
-
-    python quantize.py --model_name HuggingFaceTB/SmolLM2-135M-Instruct --model_path assets/smollm2-135m \
-        --save_path outputs/smollm2-flow --calib_dataset assets/corpus/train.txt \
-        --eval_dataset assets/corpus/eval.txt --recipe my_recipe.yaml
+The command lives in :mod:`cores.cli.quantize` (``--help`` for its flags); installed, it is also
+``blockptq-quantize``.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
 
-from cores.cli import at_least, check_device, check_output_dir, check_output_folder, run_main
-from cores.recipes.flow import FlowConfig, run_flow
-from cores.utils.logging import setup_logging
-
-log = logging.getLogger("quantize")
-
-
-def parse_args(argv: list[str] | None = None) -> FlowConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", required=True, help="FP model folder (bf16 or FP8)")
-    p.add_argument("--save_path", required=True, help="folder for the dump, params, deployed checkpoint, results")
-    p.add_argument("--model_name", help="Hugging Face id; picks the built-in recipe (default: from config.json)")
-    p.add_argument("--recipe", help="recipe file (default: the built-in one for the model)")
-    p.add_argument("--mix_path", help="mixed-precision output (default: SAVE_PATH/mixed when the recipe has "
-                                      "bf16_layers)")
-    p.add_argument("--calib_dataset", default="wikitext2", help="calibration text (default: wikitext2)")
-    p.add_argument("--eval_dataset", help="evaluation text (default: no evaluation)")
-    p.add_argument("--n_samples", type=at_least(1), default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq_len", type=at_least(2), default=2048, help="calibration window length (default 2048)")
-    p.add_argument("--eval_seq_len", type=at_least(2), default=2048, help="evaluation window length (default 2048)")
-    p.add_argument("--eval_windows", type=at_least(1), help="evaluate only the first N windows")
-    p.add_argument("--no_eval_bf16", dest="eval_bf16", action="store_false", help="do not evaluate the source")
-    p.add_argument("--dev", default="cpu", help="cpu, cuda:N or N (default cpu)")
-    a = p.parse_args(argv)
-    check_output_dir("--save_path", a.save_path)
-    if a.mix_path:
-        check_output_folder("--mix_path", a.mix_path)
-    return FlowConfig(model_path=a.model_path, save_path=a.save_path, model_name=a.model_name, recipe=a.recipe,
-                      mix_path=a.mix_path, calib_dataset=a.calib_dataset, eval_dataset=a.eval_dataset,
-                      n_samples=a.n_samples, seq_len=a.seq_len, eval_seq_len=a.eval_seq_len,
-                      eval_windows=a.eval_windows, eval_bf16=a.eval_bf16, device=check_device("--dev", a.dev))
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    return run_main(lambda: _run(parse_args(argv)), log)
-
-
-def _run(cfg: FlowConfig) -> int:
-    print(json.dumps(run_flow(cfg), indent=2))
-    return 0
-
+from cores.cli.quantize import main, parse_args  # noqa: F401  (parse_args: for callers that build configs)
 
 if __name__ == "__main__":
     sys.exit(main())

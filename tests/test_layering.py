@@ -16,7 +16,8 @@ artifacts         ``cores.calibrator.dump`` (dump manifest) and ``cores.calibrat
 stages            ``cores.calibrator`` (calibration, training), ``cores.deploy``, ``cores.eval``;
                   independent: a stage imports no other stage's modules (only artifacts)
 recipes           ``cores.recipes``: recipes and the flow that chains the stages
-cli               ``cores.cli``: the entry points' validation layer and exit path
+cli               ``cores.cli``: the five commands (their flags and configs), their validation layer
+                  and exit path
 ================  =====================================================================
 
 Above them: the entry points (top-level ``*.py``, ``scripts/``), and the test / bench

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .calibrator.dump import DumpError
-from .calibrator.params import ParamDirError
-from .deploy.writer import DeployError
-from .models.registry import UnsupportedModelError
-from .utils.checkpoint import CheckpointError
-from .utils.config import build_config
-from .utils.data import DatasetNotFoundError
-from .utils.io import temp_path
+from ..calibrator.dump import DumpError
+from ..calibrator.params import ParamDirError
+from ..deploy.writer import DeployError
+from ..models.registry import UnsupportedModelError
+from ..utils.checkpoint import CheckpointError
+from ..utils.config import build_config
+from ..utils.data import DatasetNotFoundError
+from ..utils.io import temp_path
 
 EXIT_USAGE = 2
 
