@@ -173,9 +173,13 @@ def check_output_folder(flag: str, path: str | Path) -> None:
     check_output_dir(f"{flag} (its staging folder)", path.with_name(path.name + ".partial"))
 
 
-def add_config_flag(p: argparse.ArgumentParser) -> None:
-    """``--config``, shared by the four entry points: a YAML file of options, which flags given override."""
+def command_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a command: described by the first paragraph of ``doc``, flags defaulting to None (so that
+    :func:`config_from_args` tells a flag not given from one given), and ``--config``: a YAML file of options,
+    which flags given override."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], argument_default=None)
     p.add_argument("--config", help="YAML file with any of the options below, by field name (flags override it)")
+    return p
 
 
 def config_from_args(cls: type, a: argparse.Namespace, rename: dict[str, str] | None = None):

@@ -15,20 +15,18 @@ verification report is logged and written to ``deploy_report.json`` in the outpu
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from ..deploy import DeployConfig, deploy, quant_types
-from . import add_config_flag, at_least, check_output_folder, config_from_args, run_main
 from ..quantization.fp8_block import FP8_MODES
 from ..utils.logging import setup_logging
+from . import at_least, check_output_folder, command_parser, config_from_args, run_main
 
 log = logging.getLogger("deploy")
 
 
 def parse_args(argv: list[str] | None = None) -> DeployConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
+    p = command_parser(__doc__)
     p.add_argument("--input_weight_path", "--model", dest="input_weight_path",
                    help="FP model folder (bf16 or FP8); required, here or in --config")
     p.add_argument("--output_weight_path", "--output_dir", dest="output_weight_path",

@@ -7,21 +7,19 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 
-from . import (add_config_flag, at_least, check_device, check_output_dir, check_output_file,
-                       config_from_args, device_flag, run_main)
 from ..eval.perplexity import PplConfig, evaluate_ppl, write_result
 from ..utils.logging import setup_logging
+from . import (at_least, check_device, check_output_dir, check_output_file, command_parser, config_from_args,
+               device_flag, run_main)
 
 log = logging.getLogger("eval_ppl")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PplConfig, str | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
+    p = command_parser(__doc__)
     p.add_argument("--model", help="Hugging Face model folder (bf16, FP8 or deployed); required, here or in --config")
     p.add_argument("--dataset", help="wikitext2 (default), or a .txt / .parquet file or a folder")
     p.add_argument("--split", help="dataset split (default: test)")

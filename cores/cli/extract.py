@@ -7,20 +7,19 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 
 from ..calibrator.extract import ExtractConfig, extract_calibration
-from . import add_config_flag, at_least, check_device, check_output_dir, config_from_args, device_flag, run_main
 from ..utils.logging import setup_logging
+from . import (at_least, check_device, check_output_dir, command_parser, config_from_args, device_flag,
+               run_main)
 
 log = logging.getLogger("extract_calib_data")
 
 
 def parse_args(argv: list[str] | None = None) -> ExtractConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
+    p = command_parser(__doc__)
     p.add_argument("--model", help="FP model folder (bf16 or FP8); required, here or in --config")
     p.add_argument("--output_dir", help="dump folder; required, here or in --config")
     p.add_argument("--dataset", help="wikitext2 (default), or a .txt / .parquet file or a folder")

@@ -10,22 +10,20 @@ recipe (cores/recipes/); rerunning resumes, each stage skipping what it finished
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 
-from . import (add_config_flag, at_least, check_device, check_output_dir, check_output_folder, config_from_args,
-               device_flag, run_main)
 from ..recipes.flow import FlowConfig, run_flow
 from ..utils.logging import setup_logging
+from . import (at_least, check_device, check_output_dir, check_output_folder, command_parser, config_from_args,
+               device_flag, run_main)
 
 log = logging.getLogger("quantize")
 
 
 def parse_args(argv: list[str] | None = None) -> FlowConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
+    p = command_parser(__doc__)
     p.add_argument("--model_path", "--model", dest="model_path",
                    help="FP model folder (bf16 or FP8); required, here or in --config")
     p.add_argument("--save_path", "--output_dir", dest="save_path",

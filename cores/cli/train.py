@@ -21,10 +21,10 @@ import logging
 from ..calibrator.params import TRAIN_MODES
 from ..calibrator.trainer import TrainConfig, run_training, summarize
 from ..quantization import scheme_names
-from . import UsageError, add_config_flag, at_least, check_device, check_output_dir, device_flag, run_main
 from ..utils.config import build_config
 from ..utils.distributed import distributed
 from ..utils.logging import setup_logging
+from . import UsageError, at_least, check_device, check_output_dir, command_parser, device_flag, run_main
 
 log = logging.getLogger("main")
 
@@ -41,8 +41,7 @@ def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) ->
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=None)
-    add_config_flag(p)
+    p = command_parser(__doc__)
     p.add_argument("--model", help="FP model folder (bf16 or FP8)")
     p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
     p.add_argument("--output_dir", help="param dir to write")
