@@ -1,4 +1,6 @@
-"""The entry points' validation layer: every bad flag, path or device is refused before work starts.
+"""The commands (one module each: ``extract``, ``train``, ``deploy``, ``eval``, ``quantize``; the top-level
+scripts and the ``blockptq-*`` console scripts run their ``main``) and their validation layer: every bad
+flag, path or device is refused before work starts.
 
 Each check raises :class:`UsageError` naming the flag, the value and what to do;
 :func:`run_main` turns it, and every other error a user can cause (a corrupt
