@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--data_dir", help="calibration dump from extract_calib_data.py")
     p.add_argument("--output_dir", help="param dir to write")
     p.add_argument("--scheme", choices=scheme_names(), help="quantization scheme (default w8a8c8)")
+    p.add_argument("--recipe", help="recipe file (README, quantize.py): its scheme, options, ignore list, per-target "
+                                    "overrides and training options, under --config and the flags")
     p.add_argument("--act", choices=["static", "dynamic"], help="activation scales (default dynamic)")
     p.add_argument("--act_format", choices=["int8", "fp8"],
                    help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
@@ -102,6 +104,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                                         "min_expert_tokens", "rtn", "sequential", "seed")}
     flags.update(scheme=a.scheme or from_bits)
     cfg = build_config(TrainConfig, a.config, flags)
+    if a.recipe:
+        from ..recipes.flow import training_recipe
+
+        recipe = training_recipe(a.recipe, cfg.model)
+        if recipe.bf16_layers:
+            log.warning("%s: bf16_layers %s are not trained or deployed by main.py: restore them after deploy.py "
+                        "with scripts/mix_bf16.py, or run quantize.py --recipe", a.recipe, list(recipe.bf16_layers))
+        cfg = build_config(TrainConfig, a.config, flags, base=recipe.train_options())
     check_output_dir("--output_dir", cfg.output_dir)
     device = check_device(device_flag(a), cfg.device if a.dev is None else a.dev)
     return dataclasses.replace(cfg, device=device), a

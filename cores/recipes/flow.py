@@ -81,10 +81,7 @@ def resolve_recipe(cfg: FlowConfig) -> Recipe:
     if model.deployed:
         raise RecipeError(f"{cfg.model_path} is a deployed checkpoint: the flow starts from the FP model")
     path = Path(cfg.recipe) if cfg.recipe else builtin_path(recipe_name_for(cfg.model_name, model.reader.config))
-    recipe = load_recipe(path)
-    check_against_model(recipe, model.config, model.family)
-    if recipe.overrides:
-        _check_overrides(recipe, model)
+    recipe = _checked(load_recipe(path), model)
     if recipe.bf16_layers and recipe.quant_scheme().kv_bits is not None and recipe.training.get("smooth", None) \
             is not False and not recipe.training.get("rtn", False):
         raise RecipeError(f"{recipe.bf16_where[recipe.bf16_layers[0]]}: bf16_layers with an 8-bit KV cache need "
@@ -92,6 +89,25 @@ def resolve_recipe(cfg: FlowConfig) -> Recipe:
                           "add 'smooth: false' under training, or use a c16 scheme")
     if cfg.mix_path and not recipe.bf16_layers:
         raise RecipeError(f"{path}: --mix_path given but the recipe keeps no bf16_layers")
+    return recipe
+
+
+def training_recipe(path: str | Path, model_path: str) -> Recipe:
+    """The recipe of ``main.py --recipe``: read and checked against the model (layers in range, targets that
+    match, overrides every block can take).
+
+    Raises:
+        RecipeError: Naming the file and line.
+    """
+    from ..models.streaming import StreamingModel
+
+    return _checked(load_recipe(path), StreamingModel(model_path))
+
+
+def _checked(recipe: Recipe, model) -> Recipe:
+    check_against_model(recipe, model.config, model.family)
+    if recipe.overrides:
+        _check_overrides(recipe, model)
     return recipe
 
 

@@ -1,6 +1,6 @@
 """Typed run configs from YAML files and command-line flags.
 
-Precedence: dataclass defaults < YAML file < flags given on the command line.
+Precedence: dataclass defaults < a base (a recipe's options) < YAML file < flags given on the command line.
 Unknown keys are refused with the list of valid ones.
 """
 
@@ -25,13 +25,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None, flags: dict[str, Any]) -> T:
+def build_config(cls: type[T], yaml_path: str | Path | None, flags: dict[str, Any],
+                 base: dict[str, Any] | None = None) -> T:
     """Instantiate dataclass ``cls`` from a YAML file and the flags that were set.
 
     Args:
         cls: a dataclass whose ``__post_init__`` validates it.
         yaml_path: optional YAML file with field values.
         flags: field values from the command line; ``None`` means "not given".
+        base: field values below the YAML file's (e.g. a recipe's training options).
 
     Raises:
         ValueError: for keys that are not fields of ``cls``, and for fields without a default
@@ -42,6 +44,7 @@ def build_config(cls: type[T], yaml_path: str | Path | None, flags: dict[str, An
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{yaml_path}: unknown option(s) {unknown}; valid: {sorted(names)}")
+    values = {**(base or {}), **values}
     values.update({k: v for k, v in flags.items() if v is not None})
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -371,3 +371,39 @@ def test_flow_deploys_per_target_schemes(tiny_deployed, tmp_path):
                                                             "model.layers.1.mlp.down_proj"]
     QuantizationConfig.model_validate(mixed)
     assert out["ppl"]["mixed"] > 0
+
+
+def test_main_py_trains_a_recipes_overrides(tiny_deployed, tmp_path, caplog):
+    """``main.py --recipe``: the recipe's scheme, overrides and training options, flags above them; deploy
+    then writes the same groups as the flow."""
+    import deploy as deploy_cli
+    import main as main_cli
+
+    from cores.calibrator.extract import ExtractConfig, extract_calibration
+    from cores.calibrator.params import ParamDir
+
+    src, _ = tiny_deployed
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    dump = tmp_path / "dump"
+    extract_calibration(ExtractConfig(model=str(src), output_dir=str(dump), dataset=str(text), n_samples=2,
+                                      seq_len=16))
+    (tmp_path / "r.yaml").write_text(OVERRIDES)
+    params = tmp_path / "params"
+    assert main_cli.main(["--model", str(src), "--data_dir", str(dump), "--output_dir", str(params),
+                          "--recipe", str(tmp_path / "r.yaml"), "--end_block_idx", "2"]) == 0
+    identity = ParamDir(params).identity()
+    assert identity["scheme"]["name"] == "w8a8c16" and len(identity["overrides"]) == 2
+    assert identity["modes"]["block"]["rtn"]
+    assert "bf16_layers [2] are not trained or deployed by main.py" in caplog.text
+    assert main_cli.main(["--model", str(src), "--data_dir", str(dump), "--output_dir", str(params),
+                          "--recipe", str(tmp_path / "r.yaml"), "--start_block_idx", "2"]) == 0
+    out = tmp_path / "deployed"
+    assert deploy_cli.main(["--model", str(src), "--output_dir", str(out), "--scheme", "w8a8c16",
+                            "--param_dir", str(params)]) == 0
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 3 and groups["group_2"]["weights"]["num_bits"] == 4
+    (tmp_path / "bad.yaml").write_text(OVERRIDES.replace("bf16_layers: ['2']", "bf16_layers: ['7']"))
+    assert main_cli.main(["--model", str(src), "--data_dir", str(dump), "--output_dir", str(tmp_path / "p2"),
+                          "--recipe", str(tmp_path / "bad.yaml")]) == 2
+    assert "bad.yaml:11: bf16 layer 7 is out of range" in caplog.text
