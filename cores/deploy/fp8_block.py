@@ -181,7 +181,8 @@ def _fp8_entry(reader: CheckpointReader, key: str, cfg: Fp8BlockConfig, stats: A
         weight = reader.read([key])[key]  # a view of the memory-mapped shard
         mean_square = None if stats is None else stats.get(key)
         act = None if mean_square is None or cfg.mode == "max" else channel_weights(mean_square)
-        weight_check = WeightCheck(key.removesuffix(".weight"), 8, workspace, fmt="fp8") if check else None
+        weight_check = None if not check else WeightCheck(
+            key.removesuffix(".weight"), 8, workspace, fmt="fp8", peak_weight=None if act is None else act.sqrt())
         one = torch.ones(1)
         for rows, codes, scale_inv in iter_quantize_fp8_block(weight, cfg, act):
             if weight_check is not None:

@@ -16,6 +16,7 @@ from cores.deploy import DeployConfig, DeployError, deploy
 from cores.deploy import writer as writer_mod
 from cores.deploy.fp8_block import plan_fp8
 from cores.deploy.fp8_stats import ActStats, collect_act_stats
+from cores.deploy.verify import FP8_BANDS, WeightCheck
 from cores.quantization.fp8_block import Fp8BlockConfig, dequantize_tiles, quantize_fp8_block, scale_grid
 from cores.utils.checkpoint import INDEX_NAME, CheckpointReader
 
@@ -287,3 +288,42 @@ def test_verify_samples_checks_a_subset(wide, tmp_path):
 def test_fp8_block_config_defaults():
     assert DeployConfig("a", "b", "fp8").fp8_block_config() == Fp8BlockConfig()
     assert DeployConfig("a", "b", "fp8", fp8_mode="rms", fp8_k=4.0).fp8_block_config().describe() == "rms k=4"
+
+
+def test_peak_error_fails_a_clipped_outlier_that_the_cosine_misses():
+    """One 20-sigma weight among 512 x 1024 Gaussian ones: rms k=6 clips it to ~6 sigma, which moves the cosine
+    by ~2e-4 (GOOD) but loses 70 % of the tensor's largest weight (FAIL); on a quiet input channel the same clip
+    costs little (the activation-weighted peak); absmax scales never clip."""
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024)
+    w[5, 7] = 20.0
+
+    def check(cfg, peak_weight=None):
+        codes, scale_inv = quantize_fp8_block(w, cfg)
+        wc = WeightCheck("m", 8, fmt="fp8", peak_weight=peak_weight)
+        wc.update(w, dequantize_tiles(codes, scale_inv), torch.ones(1))
+        return wc.result()
+
+    clipped = check(Fp8BlockConfig(mode="rms", k=6.0))
+    assert clipped.cosine >= FP8_BANDS[0] and clipped.peak_err > 0.6 and clipped.band == "FAIL"
+    quiet = torch.ones(1024)
+    quiet[7] = 0.01  # channel 7 carries 1 % of the others' rms
+    assert check(Fp8BlockConfig(mode="rms", k=6.0), quiet).band == "GOOD"
+    unclipped = check(Fp8BlockConfig(mode="max"))
+    assert unclipped.band == "GOOD" and unclipped.peak_err <= 1 / 16
+    assert check(Fp8BlockConfig(mode="mse")).band == "GOOD"  # mse keeps the outlier: clipping it costs more
+
+
+@pytest.mark.slow
+def test_smollm2_outlier_clipping_fails_verification(assets, tmp_path):
+    """On the real model rms k=6 (ppl 6466 against 32.8 bf16) exits 1 with down_proj FAIL, on the peak error:
+    the cosine alone kept every tensor GOOD / WARN; absmax scales pass with every tensor GOOD."""
+    out = tmp_path / "rms"
+    args = ["--input_weight_path", str(assets.model_dir), "--quant_type", "fp8"]
+    assert deploy_cli.main([*args, "--output_weight_path", str(out), "--fp8_mode", "rms"]) == 1
+    summ = json.loads((out / "deploy_report.json").read_text())["summary"]
+    down = summ["by_kind"]["down_proj"]
+    assert down["FAIL"] >= 20 and down["max_peak_err"] > 0.5 and down["min_cosine"] > FP8_BANDS[1]
+    assert deploy_cli.main([*args, "--output_weight_path", str(tmp_path / "max")]) == 0
+    summ = json.loads((tmp_path / "max" / "deploy_report.json").read_text())["summary"]
+    assert summ["GOOD"] == summ["checked"] > 100 and summ["by_kind"]["down_proj"]["max_peak_err"] < 1 / 16
