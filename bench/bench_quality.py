@@ -121,14 +121,17 @@ VARIANTS = {  # name -> (label, TrainConfig overrides): the ablation, each row a
 
 
 def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str) -> list[Row]:
-    """Train (or reuse) one param dir per ablation variant of one scheme and evaluate each."""
+    """Train (or reuse) one param dir per ablation variant of one scheme and evaluate each.
+
+    ``act`` ``static_zp`` is static activations with a zero point (``--act static --act_zero_point``)."""
     w4 = scheme.startswith("w4")
     tag = f"{scheme}_{act}" + (f"_kv{args.kv_format}" if scheme.endswith("c8") else "")
     rows = []
     for variant in filter(None, args.variants.split(",")):
         name, overrides = VARIANTS[variant]
         cfg = TrainConfig(model=str(assets.model_dir), data_dir=str(args.run_dir / "calib"), output_dir="",
-                          scheme=scheme, act=act, kv_format=args.kv_format,
+                          scheme=scheme, act=act.removesuffix("_zp"), act_zero_point=act.endswith("_zp"),
+                          kv_format=args.kv_format,
                           group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr,
                           lwc_lr=args.lwc_lr, **overrides)
         out = args.run_dir / (f"{tag}_rtn" if cfg.rtn else f"{tag}_{variant}_e{args.epochs}")
@@ -203,7 +206,7 @@ def main() -> None:
     p.add_argument("--group_size", type=int, default=64, help="W4 group size")
     p.add_argument("--kv_format", choices=("fp8", "int8"), default="fp8")
     p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--acts", default="static,dynamic")
+    p.add_argument("--acts", default="static,dynamic", help="static, static_zp (with a zero point), dynamic")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"ablation rows, subset of {','.join(VARIANTS)}")
     p.add_argument("--baselines", default=",".join(BASELINES), help=f"subset of {','.join(BASELINES)}, or ''")
     p.add_argument("--threads", type=int, default=2)

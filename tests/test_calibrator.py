@@ -161,6 +161,29 @@ def test_cli_seed_spellings_and_eval(tiny, tmp_path, capsys):
     assert "fake-quant" in capsys.readouterr().out
 
 
+def test_cli_asymmetric_static_activations_train_deploy_and_eval_as_trained(tiny, tmp_path):
+    """main.py --act static --act_zero_point: learned two-ended ranges, deployed with input_zero_point, the
+    deployed ppl equal to the fake-quant one; a symmetric run's identity has no act_symmetric (as before)."""
+    import deploy as deploy_cli
+
+    model, text, dump = tiny
+    out, dep = tmp_path / "p", tmp_path / "d"
+    args = ["--model", str(model), "--data_dir", str(dump), "--scheme", "w8a8c16", "--epochs", "1", "--act", "static"]
+    assert main_cli.main([*args, "--output_dir", str(out), "--act_zero_point"]) == 0
+    assert ParamDir(out).scheme().act_symmetric is False
+    assert main_cli.main([*args, "--output_dir", str(tmp_path / "sym"), "--end_block_idx", "1"]) == 0
+    assert "act_symmetric" not in ParamDir(tmp_path / "sym").identity()["scheme"]
+    assert main_cli.main([*args[:-1], "dynamic", "--output_dir", str(tmp_path / "x"), "--act_zero_point"]) == 2
+    assert deploy_cli.main(["--model", str(model), "--output_dir", str(dep), "--scheme", "w8a8c16",
+                            "--param_dir", str(out)]) == 0
+    ppl = {}
+    for name, extra in (("fake", ["--model", str(model), "--param_dir", str(out)]), ("deployed", ["--model", str(dep)])):
+        assert eval_ppl.main([*extra, "--dataset", str(text), "--seq_len", "32",
+                              "--output_json", str(tmp_path / f"{name}.json")]) == 0
+        ppl[name] = json.loads((tmp_path / f"{name}.json").read_text())["ppl"]
+    assert ppl["deployed"] == pytest.approx(ppl["fake"], rel=1e-3)
+
+
 def test_cli_yaml_config_and_errors(tiny, tmp_path):
     model, _, dump = tiny
     cfg = tmp_path / "c.yaml"

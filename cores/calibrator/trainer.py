@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models.streaming import HiddenStore, StreamingModel
 from ..quantization import (DEFAULT_IGNORE, QuantScheme, SchemeOverride, TargetSchemes, get_scheme,
-                            promote_unquantized, serving_notes)
+                            promote_unquantized, scheme_identity, serving_notes)
 from ..quantization.block import freeze, load_quant_state, quantize_block
 from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
@@ -73,6 +73,7 @@ class TrainConfig:
             searched then learned clip; NPU engines).
         kv_format: ``int8`` or ``fp8`` for C8 schemes.
         act_format: ``int8`` activation codes, or ``fp8`` (dynamic, int4 weights).
+        act_zero_point: static int8 activations with a zero point (asymmetric ``[min, max]`` ranges).
         group_size: W4 group size (default 128).
         lwc: learn weight clipping.
         lac: learn clipping of static activation / KV scales.
@@ -114,6 +115,7 @@ class TrainConfig:
     act: str = "dynamic"
     kv_format: str = "fp8"
     act_format: str = "int8"
+    act_zero_point: bool = False
     group_size: int | None = None
     lwc: bool = True
     lac: bool = True
@@ -160,7 +162,8 @@ class TrainConfig:
     @property
     def quant_scheme(self) -> QuantScheme:
         """The scheme these settings ask for (validated)."""
-        return get_scheme(self.scheme, self.act, self.kv_format, self.group_size, self.act_format)
+        return get_scheme(self.scheme, self.act, self.kv_format, self.group_size, self.act_format,
+                          not self.act_zero_point)
 
     @property
     def target_schemes(self) -> TargetSchemes | None:
@@ -226,7 +229,7 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     params = ParamDir(cfg.output_dir)
     identity = {
         "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
-        "dump": asdict(manifest), "scheme": asdict(scheme), "lwc": cfg.lwc, "lac": cfg.lac,
+        "dump": asdict(manifest), "scheme": scheme_identity(scheme), "lwc": cfg.lwc, "lac": cfg.lac,
         "rounding": cfg.learn_rounding, "smooth": cfg.learn_smooth,
         "smooth_dtype": str(norm_dtype(model.reader)).removeprefix("torch.") if cfg.learn_smooth else None,
         "ignore": list(cfg.ignore), "train_mode": mode, "rtn": cfg.rtn, "sequential": cfg.sequential,

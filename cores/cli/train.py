@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--act_format", choices=["int8", "fp8"],
                    help="activation codes (default int8); fp8: float8-e4m3 per token, with --act dynamic and a "
                         "w4 scheme (the W4A8 vLLM runs on GPU)")
+    p.add_argument("--act_zero_point", action=argparse.BooleanOptionalAction,
+                   help="with --act static: asymmetric int8 ranges, input_scale + input_zero_point (default off)")
     p.add_argument("--kv_format", choices=["int8", "fp8"], help="8-bit KV cache format (default fp8)")
     p.add_argument("--group_size", type=at_least(1), help="W4 group size along the input dim (default 128)")
     p.add_argument("--lwc", action=argparse.BooleanOptionalAction, help="learn weight clipping (default on)")
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "kv_format",
+    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point", "kv_format",
                                         "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
                                         "round_lr", "weight_decay",
                                         "batch_size", "start_block_idx", "end_block_idx", "train_mode",

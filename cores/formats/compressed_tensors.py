@@ -12,7 +12,8 @@ full name, any other entry an exact name). Per quantized linear ``N``:
   fp32 ``[out, 1]``;
 - W4 (``pack-quantized``): ``N.weight_packed`` int32 ``[out, in / 8]``,
   ``N.weight_scale`` fp32 ``[out, in / g]`` and ``N.weight_shape`` int64 ``[2]``;
-- static activations: ``N.input_scale`` fp32 ``[1]``;
+- static activations: ``N.input_scale`` fp32 ``[1]`` (and ``N.input_zero_point`` int8 ``[1]`` when
+  asymmetric: ``symmetric: false``);
 
 and with an 8-bit KV cache ``<attn>.k_scale`` / ``<attn>.v_scale`` fp32 ``[1]``
 beside ``kv_cache_scheme`` (for MLA ``<attn>.attn_mqa.k_scale`` / ``.v_scale``, both the
@@ -68,7 +69,7 @@ def _weight_args(scheme: QuantScheme) -> dict:
 def _input_args(scheme: QuantScheme) -> dict:
     static = scheme.act_mode == "static"
     return {"num_bits": scheme.a_bits, "type": "float" if scheme.act_format == "fp8" else "int",
-            "symmetric": True, "dynamic": not static,
+            "symmetric": scheme.act_symmetric, "dynamic": not static,
             "strategy": "tensor" if static else "token", "group_size": None}
 
 
@@ -145,7 +146,8 @@ def _group_scheme(group: Mapping, kv: Mapping | None, where: str) -> QuantScheme
     try:
         scheme = get_scheme(name, act, "fp8" if kv is None or kv.get("type") == "float" else "int8",
                             weights.get("group_size") if weights.get("strategy") == "group" else None,
-                            "fp8" if acts.get("type") == "float" else "int8")
+                            "fp8" if acts.get("type") == "float" else "int8",
+                            bool(acts.get("symmetric", True)) or act != "static")
     except ValueError as err:
         raise CheckpointError(f"{where}: unsupported quantization_config: {err}") from err
     want_group, want_kv = _group(scheme, []), _kv_args(scheme)

@@ -55,11 +55,22 @@ class _StoredScale:
 
 
 class StoredActQuantizer(_StoredScale, ActQuantizer):
-    """Static per-tensor activation quantizer with a deployed ``input_scale``."""
+    """Static per-tensor activation quantizer with a deployed ``input_scale`` (and ``input_zero_point``)."""
 
-    def __init__(self, scale: Tensor):
-        super().__init__(bits=8, mode="static", device=scale.device)
-        self.load_scale(scale, self.qmax)
+    def __init__(self, scale: Tensor, zero_point: Tensor | None = None):
+        super().__init__(bits=8, mode="static", device=scale.device, symmetric=zero_point is None)
+        if zero_point is None:
+            self.load_scale(scale, self.qmax)
+            return
+        self.register_buffer("stored_scale", scale.detach().float().reshape(1).clone())
+        self.register_buffer("stored_zero_point", zero_point.detach().reshape(1).float())
+        s, z = self.stored_scale, self.stored_zero_point  # the range it stands for (read by nothing but repr)
+        self.absmax.copy_(torch.cat(((z - self.qmin) * s, (self.qmax - z) * s)))
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        if self.symmetric:
+            return self.stored_scale, torch.zeros_like(self.stored_scale)
+        return self.stored_scale, self.stored_zero_point
 
 
 class StoredKVQuantizer(_StoredScale, KVQuantizer):
@@ -118,7 +129,7 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
     own = {n: None if fmt.is_ignored(prefix + n) else fmt.targets.scheme_for(prefix + n) for n in linears}
     ignored = [n for n in linears if own[n] is None]
     codes: dict[str, tuple[Tensor, Tensor]] = {}
-    input_scales: dict[str, Tensor] = {}
+    input_scales: dict[str, tuple[Tensor, Tensor | None]] = {}
     for name in linears:
         linear_scheme = own[name]
         if linear_scheme is None:
@@ -128,7 +139,8 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
             del stored[f"{name}.{tensor_name}"]
         stored[name + ".weight"] = dequantize_codes(*codes[name])
         if linear_scheme.act_mode == "static":
-            input_scales[name] = _take(stored, name + ".input_scale", where)
+            zero_point = None if linear_scheme.act_symmetric else _take(stored, name + ".input_zero_point", where)
+            input_scales[name] = _take(stored, name + ".input_scale", where), zero_point
     kv_scales = {}
     if scheme.kv_bits is not None:
         for name, module in block.named_modules():
@@ -150,7 +162,9 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
     quantize_block(block, scheme, ignored, lwc=False, lac=False, targets=targets, prefix=prefix)
     for name, linear in block.named_modules():
         if name in input_scales:
-            linear.input_quantizer = StoredActQuantizer(input_scales[name].to(model.device))
+            scale, zero_point = input_scales[name]
+            linear.input_quantizer = StoredActQuantizer(
+                scale.to(model.device), None if zero_point is None else zero_point.to(model.device))
     for (name, hook), scale in kv_scales.items():
         setattr(block.get_submodule(name), hook, StoredKVQuantizer(scheme.kv_format, scale.to(model.device)))
     set_quant_state(block, QuantState.FROZEN)

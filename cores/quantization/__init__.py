@@ -55,6 +55,7 @@ from cores.quantization.schemes import (
     get_scheme,
     matches,
     register_scheme,
+    scheme_identity,
     scheme_names,
     serving_notes,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "register_scheme",
     "round_ste",
     "scale_shape",
+    "scheme_identity",
     "scheme_names",
     "serving_notes",
     "set_quant_state",

@@ -123,7 +123,7 @@ class QuantLinear(nn.Module):
         )
         static = scheme.act_mode == "static"
         input_quantizer = ActQuantizer(scheme.a_bits, scheme.act_mode, lac=lac and static, device=device,
-                                       fmt=scheme.act_format)
+                                       fmt=scheme.act_format, symmetric=scheme.act_symmetric)
         return cls(linear, weight_quantizer, input_quantizer)
 
     def _quantizers(self) -> list[Quantizer]:
@@ -174,8 +174,8 @@ class QuantLinear(nn.Module):
         """Deployed tensors under compressed-tensors names.
 
         ``weight`` + ``weight_scale`` (8-bit) or ``weight_packed`` +
-        ``weight_scale`` + ``weight_shape`` (4-bit), plus ``input_scale`` for a
-        static input quantizer. ``bias`` is not included: it ships unchanged.
+        ``weight_scale`` + ``weight_shape`` (4-bit), plus ``input_scale`` (and ``input_zero_point``,
+        asymmetric) for a static input quantizer. ``bias`` is not included: it ships unchanged.
         """
         qparams = self.weight_quantizer.get_qparams(self.export_weight())
         if self.input_quantizer is not None:

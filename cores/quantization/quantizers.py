@@ -426,7 +426,7 @@ class WeightQuantizer(Quantizer):
 
 
 class ActQuantizer(Quantizer):
-    """Symmetric activation quantizer: int8 static per-tensor or dynamic per-token, or fp8 dynamic per-token.
+    """Activation quantizer: int8 static per-tensor or dynamic per-token, or fp8 dynamic per-token.
 
     ``dynamic``: the per-token absmax scale is recomputed on every call, as the
     serving engine does at run time; nothing is observed, learned or exported.
@@ -437,15 +437,24 @@ class ActQuantizer(Quantizer):
     exactly 1 at init) multiplies that absmax. The exported ``input_scale`` is
     the very scale :meth:`fake_quant` uses.
 
+    ``symmetric=False`` (static int8 only) keeps the two ends apart: ``absmax`` holds
+    ``[max(-x), max(x)]`` (each at least 0, so the range holds 0), the clip search scales
+    both, LAC learns one clip per end, and ``[-lo, hi]`` maps onto ``qmin..qmax`` with a
+    zero point (:func:`compute_scale_zp`), exported as ``input_scale`` and ``input_zero_point``.
+    A one-sided range (the input of ``down_proj`` after a massive activation, say) then
+    gets up to twice the resolution of the symmetric one.
+
     Args:
         bits: Code width (2..8).
         mode: ``"static"`` or ``"dynamic"``.
         lac: Learn the clip of a static scale.
         device: Device of the calibration buffer and clip parameter.
         fmt: ``"int8"`` codes, or ``"fp8"`` (dynamic mode only).
+        symmetric: False: a static range with a zero point.
 
     Raises:
-        ValueError: On an unknown mode or format, ``lac`` with a dynamic mode, or fp8 with a static one.
+        ValueError: On an unknown mode or format, ``lac`` with a dynamic mode, fp8 with a static one, or an
+            asymmetric dynamic or fp8 one.
     """
 
     def __init__(
@@ -455,8 +464,11 @@ class ActQuantizer(Quantizer):
         lac: bool = False,
         device: torch.device | str | None = None,
         fmt: ActFormat = "int8",
+        symmetric: bool = True,
     ) -> None:
         super().__init__()
+        if not symmetric and (mode != "static" or fmt != "int8"):
+            raise ValueError(f"a zero point is for static int8 activations; got {mode!r} {fmt!r}")
         if mode not in ("static", "dynamic"):
             raise ValueError(f"activation mode must be 'static' or 'dynamic', got {mode!r}")
         if fmt not in ("int8", "fp8") or (fmt == "fp8" and mode != "dynamic"):
@@ -469,10 +481,12 @@ class ActQuantizer(Quantizer):
         self.mode = mode
         self.fmt = fmt
         self.lac = lac
+        self.symmetric = symmetric
         self.qmin, self.qmax = int_range(bits)
         static = mode == "static"
-        self.register_buffer("absmax", torch.zeros(1, device=device) if static else None)
-        clip = nn.Parameter(torch.full((1,), LAC_INIT_LOGIT, device=device)) if lac else None
+        ends = 1 if symmetric else 2
+        self.register_buffer("absmax", torch.zeros(ends, device=device) if static else None)
+        clip = nn.Parameter(torch.full((ends,), LAC_INIT_LOGIT, device=device)) if lac else None
         self.register_parameter("clip_factor", clip)
         self.register_buffer("clip_err", None, persistent=False)
 
@@ -499,7 +513,12 @@ class ActQuantizer(Quantizer):
         if self.mode != "static" or x.numel() == 0:
             return
         if self.clip_err is None:
-            self.absmax.copy_(torch.maximum(self.absmax, x.detach().abs().amax().float()))
+            if self.symmetric:
+                seen = x.detach().abs().amax().float()
+            else:
+                lo, hi = torch.aminmax(x.detach())
+                seen = torch.stack((-lo, hi)).float().clamp(min=0)
+            self.absmax.copy_(torch.maximum(self.absmax, seen))
             return
         x32 = x.detach().float()
         for i, factor in enumerate(CLIP_GRID):
@@ -521,22 +540,32 @@ class ActQuantizer(Quantizer):
             self.absmax.mul_(factor)
         return factor
 
+    def _range_qparams(self, absmax: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scale [1], zero_point [1])`` of a static range: ``absmax`` ``[1]``, or ``[-lo, hi]`` asymmetric."""
+        if self.symmetric:
+            return compute_scale_zp(-absmax, absmax, self.bits)
+        return compute_scale_zp(-absmax[:1], absmax[1:], self.bits, symmetric=False)
+
     def _fake_quant_at(self, x32: Tensor, absmax: Tensor) -> Tensor:
         """``x32`` fake-quantized with a static range ``absmax`` (the search's candidate)."""
-        scale = compute_scale_zp(-absmax, absmax, self.bits)[0]
-        return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax)
+        scale, zero_point = self._range_qparams(absmax)
+        return fake_quantize(x32, scale, zero_point, self.qmin, self.qmax)
 
     def clipped_absmax(self) -> Tensor:
-        """Calibrated absmax times the learned clip, fp32 ``[1]`` (static mode)."""
+        """Calibrated absmax times the learned clip, fp32 ``[1]`` (``[2]``: both ends, asymmetric; static mode)."""
         absmax = self.absmax.float()
         if self.lac:
             absmax = absmax * sigmoid_clip(self._learned(self.clip_factor), LAC_INIT_LOGIT)
         return absmax
 
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """The static ``(scale [1], zero_point [1])`` that fake quantization uses and deploy exports (zero point
+        0 when symmetric)."""
+        return self._range_qparams(self.clipped_absmax())
+
     def scale(self) -> Tensor:
         """The static scale ``[1]`` that fake quantization uses and deploy exports."""
-        absmax = self.clipped_absmax()
-        return compute_scale_zp(-absmax, absmax, self.bits)[0]
+        return self.qparams()[0]
 
     def fake_quant(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -549,19 +578,31 @@ class ActQuantizer(Quantizer):
             scale, zero_point = compute_scale_zp(lo, hi, self.bits)
             out = fake_quantize(to_groups(x32, per_token()), scale, zero_point, self.qmin, self.qmax)
             return from_groups(out, x.shape).to(x.dtype)
-        scale = self.scale()
-        return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax).to(x.dtype)
+        if self.symmetric:
+            scale = self.scale()
+            return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax).to(x.dtype)
+        scale, zero_point = self.qparams()
+        return fake_quantize(x32, scale, zero_point, self.qmin, self.qmax).to(x.dtype)
 
     @torch.no_grad()
     def _export_scale(self) -> Tensor:
         return self.scale().detach().float().reshape(1).clone()
 
     def get_qparams(self) -> dict[str, Tensor]:
-        """``{"input_scale": fp32 [1]}`` for static mode; empty for dynamic mode."""
-        return {"input_scale": self._export_scale()} if self.mode == "static" else {}
+        """``{"input_scale": fp32 [1]}`` for static mode (and ``"input_zero_point"``: int8 ``[1]``, asymmetric);
+        empty for dynamic mode."""
+        if self.mode != "static":
+            return {}
+        if self.symmetric:
+            return {"input_scale": self._export_scale()}
+        with torch.no_grad():
+            scale, zero_point = self.qparams()
+        return {"input_scale": scale.detach().float().reshape(1).clone(),
+                "input_zero_point": zero_point.detach().reshape(1).to(torch.int8)}
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, fmt={self.fmt}, lac={self.lac}, {super().extra_repr()}"
+        return (f"bits={self.bits}, mode={self.mode}, fmt={self.fmt}, lac={self.lac}, symmetric={self.symmetric}, "
+                f"{super().extra_repr()}")
 
 
 class KVQuantizer(ActQuantizer):

@@ -7,9 +7,11 @@
 | w4a8c16   | int4, groups of 128 (input)  | int8        | bf16         |
 | w4a8c8    | int4, groups of 128 (input)  | int8        | int8 or fp8  |
 
-All symmetric. Activations are int8, static per-tensor or dynamic per-token, or
+Weights and the KV cache are symmetric. Activations are int8, static per-tensor
+(symmetric, or asymmetric with an ``input_zero_point``: what vLLM's int8 kernels run
+as ``azp`` and NPU engines as an input offset) or dynamic per-token, or
 float8-e4m3 dynamic per-token with int4 weights (what vLLM's W4A8-FP8 kernels run
-on GPU); the activation format, the KV format and the W4 group size are chosen in
+on GPU); the activation format and symmetry, the KV format and the W4 group size are chosen in
 :func:`get_scheme`.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from cores.quantization.primitives import Granularity, per_channel, per_group, per_tensor, per_token
@@ -85,6 +87,8 @@ class QuantScheme:
         kv_format: ``"int8"`` or ``"fp8"`` when ``kv_bits`` is set; ``None`` otherwise.
         act_format: ``"int8"`` activation codes, or ``"fp8"`` (float8-e4m3, dynamic per-token,
             int4 weights only: the W4A8 that vLLM runs on GPU).
+        act_symmetric: False: static int8 activations with a zero point (``input_scale`` and
+            ``input_zero_point``, the range ``[min, max]`` mapped onto -128..127).
     """
 
     name: str
@@ -96,6 +100,7 @@ class QuantScheme:
     kv_bits: int | None
     kv_format: KVFormat | None
     act_format: ActFormat = "int8"
+    act_symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.w_bits not in (4, 8):
@@ -122,6 +127,11 @@ class QuantScheme:
                 f"got {self.act_mode} activations with {self.w_bits}-bit weights: use --act dynamic with a w4 "
                 "scheme, or int8 activations"
             )
+        if not self.act_symmetric and (self.act_mode != "static" or self.act_format != "int8"):
+            raise ValueError(
+                f"{self.name}: a zero point is for static int8 activations (one range per tensor); got "
+                f"{self.act_mode} {self.act_format} activations: use --act static, or drop --act_zero_point"
+            )
         if self.kv_bits is None:
             if self.kv_format is not None:
                 raise ValueError(f"{self.name}: kv_format {self.kv_format!r} given without kv_bits")
@@ -140,6 +150,15 @@ class QuantScheme:
     def act_granularity(self) -> Granularity:
         """Scale granularity of the activations."""
         return per_tensor() if self.act_mode == "static" else per_token()
+
+
+def scheme_identity(scheme: QuantScheme) -> dict:
+    """``scheme``'s fields for a run identity: ``act_symmetric`` only when False, so the identity of a
+    symmetric run is the one it had before asymmetric activations existed (and old param dirs still match)."""
+    out = asdict(scheme)
+    if out["act_symmetric"]:
+        del out["act_symmetric"]
+    return out
 
 
 _SCHEMES: dict[str, QuantScheme] = {}
@@ -168,6 +187,7 @@ def get_scheme(
     kv_format: KVFormat = "fp8",
     group_size: int | None = None,
     act_format: ActFormat = "int8",
+    act_symmetric: bool = True,
 ) -> QuantScheme:
     """Look up a registered scheme and apply the per-run choices.
 
@@ -177,6 +197,7 @@ def get_scheme(
         kv_format: ``"int8"`` or ``"fp8"``; ignored by schemes with a bf16 cache.
         group_size: Override the weight group size of a group scheme.
         act_format: ``"int8"`` or ``"fp8"`` (dynamic activations with int4 weights).
+        act_symmetric: False: static int8 activations with a zero point.
 
     Returns:
         The validated scheme.
@@ -196,6 +217,7 @@ def get_scheme(
         kv_format=kv_format if base.kv_bits is not None else None,
         group_size=base.group_size if group_size is None else group_size,
         act_format=act_format,
+        act_symmetric=act_symmetric,
     )
 
 
@@ -288,9 +310,7 @@ class SchemeOverride:
 
     def to_dict(self) -> dict:
         """JSON-ready form (a param dir's ``run.json``)."""
-        from dataclasses import asdict
-
-        return {"targets": list(self.targets), "scheme": None if self.scheme is None else asdict(self.scheme)}
+        return {"targets": list(self.targets), "scheme": None if self.scheme is None else scheme_identity(self.scheme)}
 
     @classmethod
     def from_dict(cls, data: dict) -> SchemeOverride:

@@ -45,7 +45,7 @@ from .schema import format_layer_ranges
 log = logging.getLogger(__name__)
 
 MIX_REPORT = "mix_report.json"
-_QUANT_SUFFIXES = tuple(sorted({"." + n for names in WEIGHT_NAMES.values() for n in names} | {".input_scale"}))
+_QUANT_SUFFIXES = tuple(sorted({"." + n for names in WEIGHT_NAMES.values() for n in names} | {".input_scale", ".input_zero_point"}))
 _KV_SUFFIXES = (".k_scale", ".v_scale")
 
 

@@ -9,6 +9,7 @@ A recipe says, for one model, what to quantize and how (``version: 1``)::
       kv_format: fp8          # int8 | fp8 (C8 schemes)
       act_format: int8        # int8 | fp8
       group_size: 64          # W4 schemes
+      act_zero_point: false   # true: static int8 activations with a zero point (asymmetric)
     ignore:                   # kept in high precision (compressed-tensors semantics):
       - lm_head               #   an exact module name,
       - 're:.*mlp\\.gate$'    #   "re:<regex>" matched (re.match) against the full module name,
@@ -43,7 +44,7 @@ from ..quantization import SchemeOverride, TargetSchemes, get_scheme, scheme_nam
 RECIPE_VERSION = 1
 BF16 = "bfloat16"
 ACT_MODES = ("static", "dynamic")
-_OPTION_KEYS = ("act", "kv_format", "act_format", "group_size")
+_OPTION_KEYS = ("act", "kv_format", "act_format", "group_size", "act_zero_point")
 _TOP_KEYS = ("version", "scheme", "options", "ignore", "overrides", "bf16_layers", "training")
 _OVERRIDE_KEYS = ("targets", "scheme", "act", "group_size")
 TRAINING_RESERVED = ("model", "data_dir", "output_dir", "device", "scheme", "ignore", "overrides", *_OPTION_KEYS)
@@ -132,11 +133,12 @@ class Recipe:
         """The :class:`~cores.quantization.QuantScheme` of the scheme with its options."""
         o = self.options
         return get_scheme(self.scheme, o.get("act", "dynamic"), o.get("kv_format", "fp8"), o.get("group_size"),
-                          o.get("act_format", "int8"))
+                          o.get("act_format", "int8"), not o.get("act_zero_point", False))
 
     def override_schemes(self) -> tuple[SchemeOverride, ...]:
         """The overrides as schemes: each takes the recipe's options, its own ``scheme`` and ``act`` replacing
-        theirs (``group_size`` applies to a W4 override only; ``act_format`` fp8 to a dynamic W4 one).
+        theirs (``group_size`` applies to a W4 override only; ``act_format`` fp8 to a dynamic W4 one;
+        ``act_zero_point`` to a static one).
 
         Raises:
             RecipeError: Naming the line of an override whose scheme cannot take the options, or whose KV cache
@@ -154,7 +156,8 @@ class Recipe:
             fmt = base.act_format if w4 and act == "dynamic" else "int8"
             group = o.group_size or (self.options.get("group_size") if w4 and base.w_bits == 4 else None)
             try:
-                scheme = get_scheme(name, act, base.kv_format or "fp8", group, fmt)
+                scheme = get_scheme(name, act, base.kv_format or "fp8", group, fmt,
+                                    base.act_symmetric or act != "static")
                 TargetSchemes(base, (SchemeOverride(patterns, scheme),))
             except ValueError as err:
                 raise RecipeError(f"{o.where}: override {name} act {act}: {err}") from None
@@ -281,6 +284,8 @@ def _options(file: str, node: yaml.Node) -> dict[str, Any]:
             raise RecipeError(f"{where}: options.act {value!r} must be one of {', '.join(ACT_MODES)}")
         if key in ("kv_format", "act_format") and value not in ("int8", "fp8"):
             raise RecipeError(f"{where}: options.{key} {value!r} must be int8 or fp8")
+        if key == "act_zero_point" and not isinstance(value, bool):
+            raise RecipeError(f"{where}: options.act_zero_point {value!r} must be true or false")
         if key == "group_size" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RecipeError(f"{where}: options.group_size {value!r} must be a positive integer")
         out[key] = value

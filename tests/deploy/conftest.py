@@ -30,7 +30,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def params_factory(tmp_path_factory):
     """``(model_dir, scheme_name, act, kv_format, act_format, parts) -> ParamDir``, cached; W4 uses groups of
-    ``GROUP``; ``parts`` names the learned parts besides the clips (``rounding``, ``smooth``)."""
+    ``GROUP``; ``parts`` names the learned parts besides the clips (``rounding``, ``smooth``), and ``zp``
+    asymmetric static activations."""
     cache: dict[tuple, ParamDir] = {}
 
     def make(model_dir: Path, name: str, act: str = "static", kv_format: str = "fp8",
@@ -38,7 +39,8 @@ def params_factory(tmp_path_factory):
         key = (str(model_dir), name, act, kv_format, act_format, parts)
         if key not in cache:
             out = tmp_path_factory.mktemp("params") / f"{name}-{act}-{kv_format}-{act_format}-{parts}"
-            scheme = get_scheme(name, act, kv_format, GROUP if name.startswith("w4") else None, act_format)
+            scheme = get_scheme(name, act, kv_format, GROUP if name.startswith("w4") else None, act_format,
+                                "zp" not in parts)
             cache[key] = make_params(model_dir, out, scheme, rounding="rounding" in parts, smooth="smooth" in parts)
         return cache[key]
 

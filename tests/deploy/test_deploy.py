@@ -26,7 +26,10 @@ CASES = [("w8a8c16", "static", "fp8"), ("w8a8c16", "dynamic", "fp8"), ("w8a8c8",
          # learned rounding offsets and smoothing scales (norm weights rewritten, folded into the linears)
          ("w8a8c8", "dynamic", "fp8", "int8", "rounding"), ("w8a8c8", "dynamic", "fp8", "int8", "smooth"),
          ("w8a8c8", "static", "int8", "int8", "rounding+smooth"), ("w4a8c8", "dynamic", "fp8", "int8", "rounding+smooth"),
-         ("w4a8c16", "dynamic", "fp8", "fp8", "rounding+smooth")]
+         ("w4a8c16", "dynamic", "fp8", "fp8", "rounding+smooth"),
+         # asymmetric static activations: input_scale + input_zero_point
+         ("w8a8c16", "static", "fp8", "int8", "zp"), ("w8a8c8", "static", "int8", "int8", "zp+rounding+smooth"),
+         ("w4a8c8", "static", "fp8", "int8", "zp")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
@@ -123,7 +126,8 @@ def test_output_does_not_depend_on_where_shards_are_written(tiny_llama, tmp_path
 
 
 @pytest.mark.parametrize("name,act,kv,parts", [("w8a8c8", "static", "fp8", ""), ("w4a8c8", "static", "int8", ""),
-                                               ("w8a8c8", "static", "int8", "rounding+smooth")])
+                                               ("w8a8c8", "static", "int8", "rounding+smooth"),
+                                               ("w8a8c8", "static", "int8", "zp+rounding+smooth")])
 def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, name, act, kv, parts):
     """transformers + compressed-tensors run static input quant, weight dequant and KV fake quant as we do
     (learned rounding and smoothing included: folded into plain tensors)."""
@@ -133,6 +137,22 @@ def test_transformers_static_is_exactly_our_forward(deployed, tiny_llama, ids, n
         theirs = model(ids).logits
     assert model.model.layers[0].self_attn.k_scale.dtype == torch.float32
     assert torch.equal(theirs, logits(tiny_llama, ids, params.block_transform(2)))
+
+
+def test_asymmetric_static_inputs_ship_a_zero_point(deployed):
+    """``symmetric: false`` on the input activations, and one int8 ``input_zero_point`` beside each
+    ``input_scale``: the learned ends of the range, not a symmetric range in disguise."""
+    _, out = deployed("w8a8c16", "static", "fp8", "int8", "zp")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["input_activations"]["symmetric"] is False
+    QuantizationConfig.model_validate(config)
+    reader = CheckpointReader(out)
+    scales = [k for k in reader.keys if k.endswith(".input_scale")]
+    zero_points = reader.read([k.replace("input_scale", "input_zero_point") for k in scales])
+    assert len(zero_points) == len(scales) > 0
+    assert all(z.dtype == torch.int8 and z.shape == (1,) for z in zero_points.values())
+    assert any(int(z) != 0 for z in zero_points.values())
+    assert DeployedFormat.from_config(reader.config).scheme.act_symmetric is False
 
 
 def test_transformers_dynamic_differs_only_by_the_token_scale(deployed, tiny_llama, ids, monkeypatch):

@@ -297,6 +297,32 @@ def test_static_input_scale_export_is_the_scale_fake_quant_uses(lac: bool) -> No
     assert torch.equal(quantizer.get_qparams()["input_scale"], exported)
 
 
+@pytest.mark.parametrize("lac", [False, True])
+def test_asymmetric_static_range_keeps_both_ends_and_exports_its_zero_point(lac: bool) -> None:
+    """A one-sided input (a SiLU-gated product: mostly positive, a small negative tail) gets ``[-lo, hi]``
+    mapped onto -128..127: about twice the resolution of the symmetric range, and the exported
+    ``input_scale`` / ``input_zero_point`` are exactly what fake quantization uses."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.silu(torch.randn(16, 64, generator=gen) * 3) * 2
+    asym = _calibrated(ActQuantizer(8, "static", lac=lac, symmetric=False), x)
+    sym = _calibrated(ActQuantizer(8, "static", lac=lac), x)
+    assert torch.equal(asym.absmax, torch.stack((-x.min(), x.max())))
+    qp = asym.get_qparams()
+    scale, zero_point = qp["input_scale"], qp["input_zero_point"]
+    assert scale.dtype is torch.float32 and zero_point.dtype is torch.int8 and scale.shape == zero_point.shape == (1,)
+    assert scale == pytest.approx(float((x.max() - x.min()) / 255), rel=1e-6) and int(zero_point) < -100
+    expected = fake_quantize(x, scale, zero_point.float(), -128, 127)
+    assert torch.equal(asym(x), expected)
+    err_asym, err_sym = ((q(x) - x).square().mean() for q in (asym, sym))
+    assert err_asym < 0.5 * err_sym
+    if lac:  # one learned clip per end, both reached by the gradient
+        assert asym.clip_factor.shape == (2,)
+        asym(x).square().sum().backward()
+        assert (asym.clip_factor.grad != 0).all()
+    with pytest.raises(ValueError, match="zero point is for static int8"):
+        ActQuantizer(8, "dynamic", symmetric=False)
+
+
 def test_lac_gradient_reaches_clip() -> None:
     calib = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     calib[0, 0] = 40.0

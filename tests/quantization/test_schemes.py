@@ -45,6 +45,7 @@ def test_unknown_scheme_lists_valid_names() -> None:
         ({"name": "w4a8c8", "act_format": "fp4"}, "act_format"),
         ({"name": "w4a8c8", "act_format": "fp8"}, "fp8 activations are dynamic per-token with int4 weights"),
         ({"name": "w8a8c8", "act": "dynamic", "act_format": "fp8"}, "with 8-bit weights"),
+        ({"name": "w8a8c8", "act": "dynamic", "act_symmetric": False}, "zero point is for static int8"),
     ],
 )
 def test_get_scheme_validates_choices(kwargs: dict, message: str) -> None:

@@ -68,6 +68,7 @@ def test_good_recipe_parses():
     ("scheme: w8a8c8\n", "r.yaml:1", "no 'version'"),
     ("version: 1\nscheme: w3a8\n", "r.yaml:2", "not a registered scheme"),
     ("version: 1\nscheme: w8a8c8\noptions:\n  act: dyn\n", "r.yaml:4", "options.act"),
+    ("version: 1\nscheme: w8a8c8\noptions:\n  act_zero_point: 1\n", "r.yaml:4", "true or false"),
     ("version: 1\nscheme: w8a8c8\nbf16_layers:\n  - '3'\n  - '9-4'\n", "r.yaml:5", "empty"),
     ("version: 1\nscheme: w8a8c8\nbf16_layers:\n  - 'x'\n", "r.yaml:4", "must be 'N' or 'A-B'"),
     ("version: 1\nscheme: w8a8c8\ntraining:\n  epochs: 2\n  epohcs: 3\n", "r.yaml:5", "unknown key 'epohcs'"),
