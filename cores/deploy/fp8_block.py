@@ -184,10 +184,10 @@ def _fp8_entry(reader: CheckpointReader, key: str, cfg: Fp8BlockConfig, stats: A
         weight_check = None if not check else WeightCheck(
             key.removesuffix(".weight"), 8, workspace, fmt="fp8", peak_weight=None if act is None else act.sqrt())
         one = torch.ones(1)
-        for rows, codes, scale_inv in iter_quantize_fp8_block(weight, cfg, act):
+        for rows, w32, codes, scale_inv in iter_quantize_fp8_block(weight, cfg, act):
             if weight_check is not None:
                 restored = dequantize_tiles(codes, scale_inv, cfg.block)
-                weight_check.update(weight[rows].float(), restored, one, overwrite=True)
+                weight_check.update(w32, restored, one, overwrite=True)
                 if rows.stop == shape[0]:
                     writer.add_check(key, weight_check.result())
             writer.write(key, codes)

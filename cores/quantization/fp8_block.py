@@ -148,6 +148,11 @@ def tile_scales(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Ten
     Raises:
         ValueError: When ``act`` is given to ``max``, or does not match ``in``.
     """
+    _check_args(weight, cfg, act)
+    return _tile_scales(_tiles(weight.float(), cfg.block), tuple(weight.shape), cfg, act)
+
+
+def _check_args(weight: Tensor, cfg: Fp8BlockConfig, act: Tensor | None) -> None:
     if weight.dim() != 2:
         raise ValueError(f"FP8 block quantization takes 2-D weights, got shape {tuple(weight.shape)}")
     if act is not None and cfg.mode == "max":
@@ -156,14 +161,17 @@ def tile_scales(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Ten
     if act is not None and act.shape != (weight.shape[1],):
         raise ValueError(f"activation statistics of shape {tuple(act.shape)} do not match the weight's "
                          f"{weight.shape[1]} input channels")
-    x = _tiles(weight.float(), cfg.block)
-    absmax = x.abs().amax(-1)
+
+
+def _tile_scales(x: Tensor, shape: tuple[int, int], cfg: Fp8BlockConfig, act: Tensor | None) -> Tensor:
+    """:func:`tile_scales` of the tiles ``x`` (:func:`_tiles`) of a ``shape`` weight, arguments checked."""
+    absmax = torch.maximum(x.amax(-1), x.amin(-1).neg_())
     if cfg.mode == "max":
         return absmax.clamp(min=1e-12) / FP8_E4M3_MAX
     if cfg.mode == "mse":
-        wt = None if act is None else _element_weights(tuple(weight.shape), act, cfg.block, weight.device)
+        wt = None if act is None else _element_weights(shape, act, cfg.block, x.device)
         return _mse_clip(x, wt, absmax, cfg).clamp(min=1e-12) / FP8_E4M3_MAX
-    wt = _element_weights(tuple(weight.shape), act, cfg.block, weight.device)
+    wt = _element_weights(shape, act, cfg.block, x.device)
     if cfg.mode == "rms":
         rms = ((x * x * wt).sum(-1) / wt.sum(-1).clamp(min=1e-30)).sqrt()
         clip = torch.minimum(cfg.k * rms, absmax)
@@ -210,19 +218,37 @@ def _e4m3_to_float(codes: Tensor, out: Tensor) -> Tensor:
     return out.mul_(2.0**120)
 
 
-@torch.no_grad()
-def quantize_with_scales(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] = FP8_BLOCK) -> Tensor:
-    """``float8_e4m3fn`` codes of ``weight`` ``[rows, in]`` under its tile scales (values past the clip saturate)."""
+def _tile_view(x: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+    """``x`` as ``[R, b0, C, b1]`` and ``scale_inv`` as ``[R, 1, C, 1]`` (a broadcast, nothing copied) when
+    ``x`` is whole tiles; None for a ragged edge."""
     b0, b1 = block
-    s = scale_inv.float().repeat_interleave(b0, 0)[:weight.shape[0]].repeat_interleave(b1, 1)[:, :weight.shape[1]]
-    return (weight.float() / s).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    rows, cols = x.shape
+    if rows % b0 or cols % b1 or not x.is_contiguous():
+        return None
+    return x.view(rows // b0, b0, cols // b1, b1), scale_inv.float().view(rows // b0, 1, cols // b1, 1)
 
 
+def _full_scales(scale_inv: Tensor, shape: torch.Size, block: tuple[int, int]) -> Tensor:
+    b0, b1 = block
+    return scale_inv.float().repeat_interleave(b0, 0)[:shape[0]].repeat_interleave(b1, 1)[:, :shape[1]]
+
+
+@torch.no_grad()
 def quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Tensor | None = None
                        ) -> tuple[Tensor, Tensor]:
-    """``(float8_e4m3fn codes [out, in], fp32 scale_inv [ceil(out/b0), ceil(in/b1)])`` of ``weight``."""
-    scale_inv = tile_scales(weight, cfg, act)
-    return quantize_with_scales(weight, scale_inv, cfg.block), scale_inv
+    """``(float8_e4m3fn codes [out, in], fp32 scale_inv [ceil(out/b0), ceil(in/b1)])`` of ``weight``.
+
+    Each value is cast as ``float8_e4m3fn(clamp(w / scale_inv[tile], +-448))`` (values past a clip saturate), in
+    the tile layout the scales were chosen in (no full-size scale tensor), then laid back out as rows: a
+    one-byte copy.
+    """
+    _check_args(weight, cfg, act)
+    x = _tiles(weight.float(), cfg.block)
+    scale_inv = _tile_scales(x, tuple(weight.shape), cfg, act)
+    codes = (x / scale_inv.unsqueeze(-1)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    (b0, b1), (rows, cols) = cfg.block, scale_inv.shape
+    codes = codes.view(rows, cols, b0, b1).permute(0, 2, 1, 3).reshape(rows * b0, cols * b1)
+    return codes[:weight.shape[0], :weight.shape[1]].contiguous(), scale_inv
 
 
 def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int = 1 << 22) -> int:
@@ -231,23 +257,36 @@ def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int
 
 
 def iter_quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Tensor | None = None,
-                            elements: int = 1 << 22) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """:func:`quantize_fp8_block` a run of tile rows at a time: ``(rows, codes of those rows, their scale rows)``.
+                            elements: int = 1 << 22) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+    """:func:`quantize_fp8_block` a run of tile rows at a time: ``(rows, those rows in fp32, their codes, their
+    scale rows)``.
 
-    Tiles are independent, so the result is that of the whole weight; only a run is in fp32 at a time.
+    Tiles are independent, so the result is that of the whole weight; only a run is in fp32 at a time (cast
+    once, for the scales, the codes and the caller's check).
     """
     step = tile_row_step(weight.shape[1], cfg.block, elements)
     for start in range(0, weight.shape[0], step):
         rows = slice(start, min(start + step, weight.shape[0]))
-        codes, scale_inv = quantize_fp8_block(weight[rows], cfg, act)
-        yield rows, codes, scale_inv
+        w32 = weight[rows].float()
+        codes, scale_inv = quantize_fp8_block(w32, cfg, act)
+        yield rows, w32, codes, scale_inv
 
 
 def dequantize_tiles(codes: Tensor, scale_inv: Tensor, block: tuple[int, int] = FP8_BLOCK) -> Tensor:
-    """fp32 ``codes * scale_inv`` broadcast over each tile (``[rows, in]``, a run starting on a tile row)."""
-    b0, b1 = block
-    s = scale_inv.float().repeat_interleave(b0, 0)[:codes.shape[0]].repeat_interleave(b1, 1)[:, :codes.shape[1]]
-    return codes.float().mul_(s)
+    """fp32 ``codes * scale_inv`` broadcast over each tile (``[rows, in]``, a run starting on a tile row).
+
+    ``float8_e4m3fn`` codes are widened by :func:`_e4m3_to_float` (finite codes, several times faster than
+    torch's cast; a NaN code, which no quantizer here writes, would read as a finite value).
+    """
+    if codes.dtype == torch.float8_e4m3fn:
+        values = _e4m3_to_float(codes, torch.empty(codes.shape, dtype=torch.float32, device=codes.device))
+    else:
+        values = codes.float()
+    tiles = _tile_view(values, scale_inv, block)
+    if tiles is None:
+        return values.mul_(_full_scales(scale_inv, values.shape, block))
+    tiles[0].mul_(tiles[1])
+    return values
 
 
 def weighted_error(weight: Tensor, restored: Tensor, act: Tensor | None = None) -> float:

@@ -166,8 +166,21 @@ def test_iter_quantize_equals_whole_weight_quantize(mode, act):
     codes, scale_inv = quantize_fp8_block(w, cfg, a)
     runs = list(iter_quantize_fp8_block(w, cfg, a, elements=128 * 200))  # one tile row a run: 5 runs, ragged last
     assert len(runs) == 5 and runs[-1][0] == slice(512, 600)
-    assert torch.equal(torch.cat([c for _, c, _ in runs]).view(torch.uint8), codes.view(torch.uint8))
-    assert torch.equal(torch.cat([s for _, _, s in runs]), scale_inv)
+    assert torch.equal(torch.cat([c for _, _, c, _ in runs]).view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(torch.cat([s for _, _, _, s in runs]), scale_inv)
+    assert torch.equal(torch.cat([w32 for _, w32, _, _ in runs]), w.float())
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200)])  # whole tiles (the broadcast view), a ragged edge
+def test_tile_paths_equal_the_elementwise_definition(shape):
+    """Codes and restored values of the broadcast tile view and of the ragged fallback are the elementwise
+    ``w / s`` and ``codes * s`` with the scale repeated over each tile (torch's own fp8 cast back)."""
+    w = heavy(shape)
+    codes, scale_inv = quantize_fp8_block(w, Fp8BlockConfig())
+    s = scale_inv.repeat_interleave(128, 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
+    expected = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(dequantize_tiles(codes, scale_inv), codes.float() * s)
 
 
 def test_dequantize_is_the_loaders_dequantization():
