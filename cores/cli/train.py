@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point", "kv_format",
-                                        "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
+    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point",
+                                        "kv_format", "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
                                         "round_lr", "weight_decay",
                                         "batch_size", "start_block_idx", "end_block_idx", "train_mode",
                                         "min_expert_tokens", "rtn", "sequential", "seed")}

@@ -151,7 +151,8 @@ class WeightCheck:
         self.count += x.numel()
         if self.fmt == "fp8":
             if self.peak_weight is None:
-                self.peak_src = max(self.peak_src, float(x.abs().amax()))
+                lo, hi = torch.aminmax(x)  # max |x| without an |x| buffer
+                self.peak_src = max(self.peak_src, -float(lo), float(hi))
                 self.peak_err = self.max_abs
             else:
                 a = self.peak_weight.to(x.device, torch.float32)

@@ -44,11 +44,17 @@ class DeployedModel(Protocol):
 
 
 class _StoredScale:
-    """Mixin: a static quantizer whose scale is a stored tensor, not ``absmax / qmax``."""
+    """Mixin: a static quantizer whose scale (and zero point) are stored tensors, not derived from ``absmax``."""
 
-    def load_scale(self, scale: Tensor, qmax: float) -> None:
+    def load_scale(self, scale: Tensor, qmax: float, zero_point: Tensor | None = None) -> None:
         self.register_buffer("stored_scale", scale.detach().float().reshape(1).clone())
-        self.absmax.copy_(self.stored_scale * qmax)  # the range it stands for (read by nothing but repr)
+        z = torch.zeros_like(self.stored_scale) if zero_point is None else zero_point.detach().reshape(1).float()
+        self.register_buffer("stored_zero_point", z)
+        s = self.stored_scale  # the range it stands for (read by nothing but repr)
+        self.absmax.copy_(s * qmax if zero_point is None else torch.cat(((z - self.qmin) * s, (qmax - z) * s)))
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        return self.stored_scale, self.stored_zero_point
 
     def scale(self) -> Tensor:
         return self.stored_scale
@@ -59,18 +65,7 @@ class StoredActQuantizer(_StoredScale, ActQuantizer):
 
     def __init__(self, scale: Tensor, zero_point: Tensor | None = None):
         super().__init__(bits=8, mode="static", device=scale.device, symmetric=zero_point is None)
-        if zero_point is None:
-            self.load_scale(scale, self.qmax)
-            return
-        self.register_buffer("stored_scale", scale.detach().float().reshape(1).clone())
-        self.register_buffer("stored_zero_point", zero_point.detach().reshape(1).float())
-        s, z = self.stored_scale, self.stored_zero_point  # the range it stands for (read by nothing but repr)
-        self.absmax.copy_(torch.cat(((z - self.qmin) * s, (self.qmax - z) * s)))
-
-    def qparams(self) -> tuple[Tensor, Tensor]:
-        if self.symmetric:
-            return self.stored_scale, torch.zeros_like(self.stored_scale)
-        return self.stored_scale, self.stored_zero_point
+        self.load_scale(scale, self.qmax, zero_point)
 
 
 class StoredKVQuantizer(_StoredScale, KVQuantizer):

@@ -578,9 +578,6 @@ class ActQuantizer(Quantizer):
             scale, zero_point = compute_scale_zp(lo, hi, self.bits)
             out = fake_quantize(to_groups(x32, per_token()), scale, zero_point, self.qmin, self.qmax)
             return from_groups(out, x.shape).to(x.dtype)
-        if self.symmetric:
-            scale = self.scale()
-            return fake_quantize(x32, scale, torch.zeros_like(scale), self.qmin, self.qmax).to(x.dtype)
         scale, zero_point = self.qparams()
         return fake_quantize(x32, scale, zero_point, self.qmin, self.qmax).to(x.dtype)
 
@@ -593,12 +590,11 @@ class ActQuantizer(Quantizer):
         empty for dynamic mode."""
         if self.mode != "static":
             return {}
-        if self.symmetric:
-            return {"input_scale": self._export_scale()}
-        with torch.no_grad():
-            scale, zero_point = self.qparams()
-        return {"input_scale": scale.detach().float().reshape(1).clone(),
-                "input_zero_point": zero_point.detach().reshape(1).to(torch.int8)}
+        out = {"input_scale": self._export_scale()}
+        if not self.symmetric:
+            with torch.no_grad():
+                out["input_zero_point"] = self.qparams()[1].detach().reshape(1).to(torch.int8)
+        return out
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, mode={self.mode}, fmt={self.fmt}, lac={self.lac}, symmetric={self.symmetric}, "
