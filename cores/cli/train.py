@@ -21,7 +21,7 @@ import logging
 from ..calibrator.params import TRAIN_MODES
 from ..calibrator.trainer import TrainConfig, run_training, summarize
 from ..quantization import scheme_names
-from ..utils.config import build_config
+from ..utils.config import build_config, load_yaml
 from ..utils.distributed import distributed
 from ..utils.logging import setup_logging
 from . import UsageError, at_least, check_device, check_output_dir, command_parser, device_flag, run_main
@@ -100,23 +100,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
     flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point",
-                                        "kv_format", "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr", "loss", "epochs", "lr", "lwc_lr",
-                                        "round_lr", "weight_decay",
-                                        "batch_size", "start_block_idx", "end_block_idx", "train_mode",
-                                        "min_expert_tokens", "rtn", "sequential", "seed")}
+                                        "kv_format", "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr",
+                                        "loss", "epochs", "lr", "lwc_lr", "round_lr", "weight_decay", "batch_size",
+                                        "start_block_idx", "end_block_idx", "train_mode", "min_expert_tokens", "rtn",
+                                        "sequential", "seed")}
     flags.update(scheme=a.scheme or from_bits)
-    cfg = build_config(TrainConfig, a.config, flags)
-    if a.recipe:
-        from ..recipes.flow import training_recipe
-
-        recipe = training_recipe(a.recipe, cfg.model)
-        if recipe.bf16_layers:
-            log.warning("%s: bf16_layers %s are not trained or deployed by main.py: restore them after deploy.py "
-                        "with scripts/mix_bf16.py, or run quantize.py --recipe", a.recipe, list(recipe.bf16_layers))
-        cfg = build_config(TrainConfig, a.config, flags, base=recipe.train_options())
+    cfg = build_config(TrainConfig, a.config, flags, base=_recipe_options(a.recipe, a.config, flags["model"]))
     check_output_dir("--output_dir", cfg.output_dir)
     device = check_device(device_flag(a), cfg.device if a.dev is None else a.dev)
     return dataclasses.replace(cfg, device=device), a
+
+
+def _recipe_options(recipe_path: str | None, yaml_path: str | None, model: str | None) -> dict | None:
+    """The training options of ``--recipe`` (below ``--config`` and the flags), or None without one."""
+    if not recipe_path:
+        return None
+    from ..recipes.flow import training_recipe
+
+    model = model or (load_yaml(yaml_path) if yaml_path else {}).get("model")
+    if not model:
+        raise UsageError("missing required option --model: --recipe needs it to check the recipe's targets")
+    recipe = training_recipe(recipe_path, model)
+    if recipe.bf16_layers:
+        log.warning("%s: bf16_layers %s are not trained or deployed by main.py: restore them after deploy.py "
+                    "with scripts/mix_bf16.py, or run quantize.py --recipe", recipe_path, list(recipe.bf16_layers))
+    return recipe.train_options()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -408,3 +408,6 @@ def test_main_py_trains_a_recipes_overrides(tiny_deployed, tmp_path, caplog):
     assert main_cli.main(["--model", str(src), "--data_dir", str(dump), "--output_dir", str(tmp_path / "p2"),
                           "--recipe", str(tmp_path / "bad.yaml")]) == 2
     assert "bad.yaml:11: bf16 layer 7 is out of range" in caplog.text
+    assert main_cli.main(["--data_dir", str(dump), "--output_dir", str(tmp_path / "p3"),
+                          "--recipe", str(tmp_path / "r.yaml")]) == 2
+    assert "missing required option --model: --recipe needs it" in caplog.text
