@@ -282,12 +282,37 @@ def test_mixed_sharded_deploy(tiny_deployed, tmp_path):
 
 @pytest.mark.slow
 def test_mixed_fp8_deepseek(tiny_deepseek, tmp_path):
-    """An FP8 MLA + MoE source: restored layers are its bf16 dequantization, block outputs equal the float ones."""
+    """An FP8 MLA + MoE source: restored layers are its bf16 dequantization, block outputs equal the float ones;
+    compressed-tensors reads the mixed checkpoint: its config, its ignore list, the layers left quantized."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.utils.match import match_name
+
+    from cores.formats.compressed_tensors import dequantize_codes, weight_codes
+
     src = tiny_deepseek.fp8_dir
     deploy(DeployConfig(str(src), str(tmp_path / "w8a8"), "w8a8c16"))
     restore_bf16_layers(tmp_path / "w8a8", src, [1], tmp_path / "mix")
-    ignore = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]["ignore"]
+    qcfg = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]
+    ignore = qcfg["ignore"]
     assert "model.layers.1.mlp.experts.0.up_proj" in ignore and "model.layers.1.self_attn.q_a_proj" in ignore
+    QuantizationConfig.model_validate(qcfg)
+    group = qcfg["config_groups"]["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    scheme = QuantizationScheme.model_validate(group)
+    reader = CheckpointReader(tmp_path / "mix")
+    for layer, quantized in ((1, False), (2, True)):
+        for name in ("mlp.experts.3.down_proj", "mlp.shared_experts.gate_proj", "self_attn.q_a_proj",
+                     "self_attn.o_proj"):
+            full = f"model.layers.{layer}.{name}"
+            tensors = {k[len(full) + 1:]: v for k, v in reader.read([k for k in reader.keys
+                                                                     if k.startswith(full + ".")]).items()}
+            assert any(match_name(full, target) for target in ignore) is not quantized, full
+            if quantized:  # compressed-tensors' decompression = ours
+                assert torch.equal(compressor.decompress(dict(tensors), scheme)["weight"],
+                                   dequantize_codes(*weight_codes(tensors, "", 8)))
+            else:
+                assert set(tensors) == {"weight"} and tensors["weight"].dtype == torch.bfloat16
     mix, ref = StreamingModel(tmp_path / "mix"), StreamingModel(src)
     x = torch.randn(1, 16, ref.hidden_size, generator=torch.Generator().manual_seed(0))
     cos, sin = ref.rotary(16)
