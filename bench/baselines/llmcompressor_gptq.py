@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 from cores.utils.data import load_text, ppl_windows  # noqa: E402
 
 log = logging.getLogger("llmcompressor_baseline")
-RECIPES = ("bf16", "gptq_w8a8", "gptq_w4a8_g64", "gptq_w4a16_g64", "sq_gptq_w8a8", "gptq_w8a8_static",
-           "sq_gptq_w8a8_static", "gptq_w8a8_kv8", "sq_gptq_w8a8_kv8")
+RECIPES = ("bf16", "gptq_w8a8", "gptq_w4a8_g64", "gptq_w4a8_g128", "gptq_w4a16_g64", "sq_gptq_w8a8",
+           "gptq_w8a8_static", "sq_gptq_w8a8_static", "gptq_w8a8_kv8", "sq_gptq_w8a8_kv8")
 
 
-def int4_group(group_size: int, act_bits: int | None):
+def int4_group(group_size: int, act_bits: int | None, ignore: list[str]):
     """A GPTQ modifier for symmetric int4 group weights, optionally int8 dynamic per-token inputs."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -47,10 +47,10 @@ def int4_group(group_size: int, act_bits: int | None):
                                                           symmetric=True, dynamic=True)
     weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=True)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
-    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore)
 
 
-def int8_static_tensor():
+def int8_static_tensor(ignore: list[str]):
     """A GPTQ modifier for int8 per-channel weights and int8 static per-tensor inputs (``minmax`` observer)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -58,7 +58,7 @@ def int8_static_tensor():
     weights = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)
     acts = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
-    return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    return GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore)
 
 
 def fp8_kv_cache():
@@ -68,25 +68,25 @@ def fp8_kv_cache():
     return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
 
 
-def build_recipe(name: str) -> list:
-    """The llm-compressor modifiers of a recipe name (``bf16``: none)."""
+def build_recipe(name: str, ignore: list[str]) -> list:
+    """The llm-compressor modifiers of a recipe name (``bf16``: none); ``ignore`` stays unquantized."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
+    def w8a8(**kw):
+        return GPTQModifier(scheme="W8A8", targets="Linear", ignore=ignore, **kw)
+
     recipes = {
         "bf16": lambda: [],
-        "gptq_w8a8": lambda: [GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
-        "gptq_w4a8_g64": lambda: [int4_group(64, 8)],
-        "gptq_w4a16_g64": lambda: [int4_group(64, None)],
-        "sq_gptq_w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
-                                 GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
-        "gptq_w8a8_static": lambda: [int8_static_tensor()],
-        "sq_gptq_w8a8_static": lambda: [SmoothQuantModifier(smoothing_strength=0.8), int8_static_tensor()],
-        "gptq_w8a8_kv8": lambda: [GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"],
-                                               kv_cache_scheme=fp8_kv_cache())],
-        "sq_gptq_w8a8_kv8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
-                                     GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"],
-                                                  kv_cache_scheme=fp8_kv_cache())],
+        "gptq_w8a8": lambda: [w8a8()],
+        "gptq_w4a8_g64": lambda: [int4_group(64, 8, ignore)],
+        "gptq_w4a8_g128": lambda: [int4_group(128, 8, ignore)],
+        "gptq_w4a16_g64": lambda: [int4_group(64, None, ignore)],
+        "sq_gptq_w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8), w8a8()],
+        "gptq_w8a8_static": lambda: [int8_static_tensor(ignore)],
+        "sq_gptq_w8a8_static": lambda: [SmoothQuantModifier(smoothing_strength=0.8), int8_static_tensor(ignore)],
+        "gptq_w8a8_kv8": lambda: [w8a8(kv_cache_scheme=fp8_kv_cache())],
+        "sq_gptq_w8a8_kv8": lambda: [SmoothQuantModifier(smoothing_strength=0.8), w8a8(kv_cache_scheme=fp8_kv_cache())],
     }
     return recipes[name]()
 
@@ -122,16 +122,27 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq_len", type=int, required=True, help="eval window length")
     p.add_argument("--max_windows", type=int, required=True, help="eval windows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ignore", default="lm_head", help="comma-separated compressed-tensors targets left unquantized")
     p.add_argument("--output_json", required=True)
 
 
 def load_inputs(args: argparse.Namespace):
-    """``(tokenizer, fp32 model, calibration token windows)`` of a baseline run."""
+    """``(tokenizer, fp32 model, calibration token windows)`` of a baseline run.
+
+    An MoE model is linearized after loading by llm-compressor's ``linearize_moe``: the fused 3-D
+    expert weights of ``transformers`` become one ``Linear`` per expert projection (what GPTQ
+    quantizes). Its load-time path (``load_quantizable_moe``) is not used: transformers' patch
+    registry then imports every model module, the vision ones too, which need ``torchvision``.
+    """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    if getattr(model.config, "n_routed_experts", None):
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
     return tok, model, load_file(args.tokens)["input_ids"]
 
 
@@ -152,7 +163,8 @@ def main() -> None:
         data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
         log.info("%s: oneshot on %d x %d calibration tokens", args.recipe, *calib.shape)
         start = time.perf_counter()
-        model = oneshot(model=model, tokenizer=tok, recipe=build_recipe(args.recipe), dataset=data,
+        recipe = build_recipe(args.recipe, args.ignore.split(","))
+        model = oneshot(model=model, tokenizer=tok, recipe=recipe, dataset=data,
                         num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
                         shuffle_calibration_samples=False)
         quant_s = time.perf_counter() - start
