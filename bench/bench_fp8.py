@@ -2,7 +2,8 @@
 """Benchmark ``deploy.py --quant_type fp8``: every calibration mode, with and without activation statistics.
 
 For SmolLM2-135M (``assets/smollm2-135m``), and optionally a random sharded llama (``--models tiny`` / ``both``)
-and a random Qwen3-Next (``--models qwen3_next`` / ``all``),
+a random Qwen3-Next (``--models qwen3_next`` / ``all``) and a random Qwen3.5 vision-language model
+(``--models qwen3_5`` / ``all``: its decoder quantized, the vision tower passed through in BF16),
 one row per mode x activation-aware:
 
 1. ppl of the FP8 checkpoint through our loader (``eval_ppl.py``) against the BF16 source, on the same
@@ -20,7 +21,7 @@ The calibration dump is made here with ``extract_calib_data.py`` unless ``--cali
 Usage (OMP_NUM_THREADS=1 measures one core; on a shared machine it also avoids OpenMP spin-waiting
 against other jobs):
     python bench/bench_fp8.py [--calib_dir DUMP] [--eval_windows 16] [--seq_len 512] [--repeat 2] \
-        [--models smollm2|tiny|qwen3_next|both|all]
+        [--models smollm2|tiny|qwen3_next|qwen3_5|both|all]
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import eval_ppl  # noqa: E402
 from bench.bench_deploy import best, plain_copy_seconds, shard_bytes, since, start_clean  # noqa: E402
-from bench.common import peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
+from bench.common import VOCAB, peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
+from blockptq_assets.tiny import save_tiny_tokenizer  # noqa: E402
 from cores.deploy import DeployConfig, deploy  # noqa: E402
 
 CASES = [("max", False), ("rms", False), ("rms", True), ("percentile", False), ("percentile", True),
@@ -58,6 +60,34 @@ QWEN3_NEXT = dict(  # every linear on the 128-row tile grid but the 64-row k / v
     linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512,
     decoder_sparse_step=1, mlp_only_layers=[1], intermediate_size=1024, max_shard_size="20MB")
+QWEN3_5_TEXT = dict(  # decoder on the 128-row tile grid but the 128-row k / v and the small DeltaNet b / a
+    vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, initializer_range=0.05,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+    linear_conv_kernel_dim=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.25, "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True})
+QWEN3_5_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=512, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+
+
+def tiny_qwen3_5(folder: Path, tokenizer_text: str) -> Path:
+    """A random bf16 Qwen3.5 vision-language folder (``Qwen3_5ForConditionalGeneration``, written by
+    transformers) with a tokenizer trained on ``tokenizer_text``; norms, ``A_log`` and ``dt_bias`` perturbed."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_5", text_config=QWEN3_5_TEXT, vision_config=QWEN3_5_VISION,
+                                  tie_word_embeddings=False)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(("A_log", "dt_bias")):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder, tokenizer_text, VOCAB)
+    return folder
 
 
 def ppl(model: Path, corpus: Path, seq_len: int, windows: int, out_json: Path) -> float:
@@ -134,10 +164,11 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=16, help="ppl windows (default 16)")
     p.add_argument("--seq_len", type=int, default=512, help="ppl window length (default 512)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs of each deploy; the best counts (default 2)")
-    p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "qwen3_next", "both", "all"],
+    p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "qwen3_next", "qwen3_5", "both", "all"],
                    help="SmolLM2 (default), a random bf16 llama (hidden 1024, 8 blocks, 4 shards), a random bf16 "
-                        "Qwen3-Next (hidden 512, DeltaNet + gated attention + MoE, 4 blocks), both (SmolLM2 + "
-                        "llama) or all")
+                        "Qwen3-Next (hidden 512, DeltaNet + gated attention + MoE, 4 blocks), a random bf16 Qwen3.5 "
+                        "vision-language model (decoder hidden 512, DeltaNet + gated attention, 4 blocks), both "
+                        "(SmolLM2 + llama) or all")
     args = p.parse_args()
     logging.basicConfig(level="ERROR")
     logging.getLogger("cores").setLevel(logging.ERROR)
@@ -161,6 +192,11 @@ def main() -> None:
             qnext_calib = make_dump(qnext, corpus, work / "qwen3_next-calib", 8, 256)
             bench_model("random Qwen3-Next hidden 512, 4 blocks (3 DeltaNet, 1 gated attention)", qnext, corpus,
                         qnext_calib, CASES, work, 256, 8, args.repeat)
+        if args.models in ("qwen3_5", "all"):
+            q35 = tiny_qwen3_5(work / "qwen3_5", train_text(400_000))
+            q35_calib = make_dump(q35, corpus, work / "qwen3_5-calib", 8, 256)
+            bench_model("random Qwen3.5 VL, decoder hidden 512, 4 blocks (3 DeltaNet, 1 gated attention)", q35,
+                        corpus, q35_calib, CASES, work, 256, 8, args.repeat)
 
 
 if __name__ == "__main__":
