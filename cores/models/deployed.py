@@ -56,9 +56,6 @@ class _StoredScale:
     def qparams(self) -> tuple[Tensor, Tensor]:
         return self.stored_scale, self.stored_zero_point
 
-    def scale(self) -> Tensor:
-        return self.stored_scale
-
 
 class StoredActQuantizer(_StoredScale, ActQuantizer):
     """Static per-tensor activation quantizer with a deployed ``input_scale`` (and ``input_zero_point``)."""

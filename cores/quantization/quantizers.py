@@ -623,10 +623,13 @@ class KVQuantizer(ActQuantizer):
         super().__init__(bits=8, mode="static", lac=lac, device=device)
         self.fmt = fmt
 
-    def scale(self) -> Tensor:
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale [1], zero_point [1])``: int8 as :class:`ActQuantizer`; fp8 ``absmax / 448`` and a zero point
+        of 0 (e4m3 codes are symmetric)."""
         if self.fmt == "int8":
-            return super().scale()
-        return (self.clipped_absmax() / FP8_E4M3_MAX).clamp(min=SCALE_EPS)
+            return super().qparams()
+        scale = (self.clipped_absmax() / FP8_E4M3_MAX).clamp(min=SCALE_EPS)
+        return scale, torch.zeros_like(scale)
 
     def fake_quant(self, x: Tensor) -> Tensor:
         if self.fmt == "int8":

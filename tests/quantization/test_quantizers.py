@@ -347,6 +347,8 @@ def test_kv_quantizer(fmt: str, lac: bool) -> None:
     scale = quantizer.get_qparams()["scale"]
     assert scale.shape == (1,) and scale.dtype is torch.float32
     assert torch.equal(scale, absmax / (FP8_E4M3_MAX if fmt == "fp8" else 127))
+    q_scale, zero_point = quantizer.qparams()  # the one static path: what fake quant uses and deploy exports
+    assert torch.equal(q_scale, scale) and torch.equal(zero_point, torch.zeros(1))
     out = quantizer(cache)
     assert out.dtype is torch.bfloat16 and torch.isfinite(out).all()
     assert sqnr_db(cache.float(), out.float()) > (25 if fmt == "fp8" else 35)
