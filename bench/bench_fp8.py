@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import eval_ppl  # noqa: E402
 from bench.bench_deploy import best, plain_copy_seconds, shard_bytes, since, start_clean  # noqa: E402
 from bench.common import VOCAB, peak_rss_mib, tiny_bf16_model, train_text  # noqa: E402
-from blockptq_assets.tiny import save_tiny_tokenizer  # noqa: E402
+from blockptq_assets.tiny import make_tiny_vl_checkpoint, save_tiny_tokenizer  # noqa: E402
 from cores.deploy import DeployConfig, deploy  # noqa: E402
 
 CASES = [("max", False), ("rms", False), ("rms", True), ("percentile", False), ("percentile", True),
@@ -73,19 +73,9 @@ QWEN3_5_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=
 
 
 def tiny_qwen3_5(folder: Path, tokenizer_text: str) -> Path:
-    """A random bf16 Qwen3.5 vision-language folder (``Qwen3_5ForConditionalGeneration``, written by
-    transformers) with a tokenizer trained on ``tokenizer_text``; norms, ``A_log`` and ``dt_bias`` perturbed."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen3_5", text_config=QWEN3_5_TEXT, vision_config=QWEN3_5_VISION,
-                                  tie_word_embeddings=False)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(("A_log", "dt_bias")):
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(folder)
+    """A random bf16 Qwen3.5 vision-language folder (``Qwen3_5ForConditionalGeneration``) with a tokenizer
+    trained on ``tokenizer_text``."""
+    make_tiny_vl_checkpoint(folder, "qwen3_5", QWEN3_5_TEXT, QWEN3_5_VISION, dtype=torch.bfloat16)
     save_tiny_tokenizer(folder, tokenizer_text, VOCAB)
     return folder
 

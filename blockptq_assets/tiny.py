@@ -91,6 +91,24 @@ def make_tiny_checkpoint(
     return Path(out_dir)
 
 
+def make_tiny_vl_checkpoint(out_dir: str | Path, model_type: str, text_config: dict, vision_config: dict,
+                            seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a randomly initialised vision-language model (``qwen3_vl``, ``qwen3_5``, ...) as a Hugging Face
+    folder, as transformers writes it; norms, ``A_log`` and ``dt_bias`` perturbed (they init to constants)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=vision_config,
+                                  tie_word_embeddings=False)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(("A_log", "dt_bias")):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def quantize_fp8_blockwise(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Cast ``weight`` to e4m3 with one inverse scale per ``block x block`` tile (DeepSeek layout, absmax scales:
     :func:`cores.quantization.fp8_block.quantize_fp8_block` in mode ``max``)."""

@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from test_models_qwen3_next import (E2E_N, E2E_SEQ, E2E_TEXT, deploy_w8a8c16, e2e_ppl, max_rel_err, reference_nll,
                                     train_block_mode)
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
+from blockptq_assets.tiny import make_tiny_vl_checkpoint
 from cores.models.streaming import StreamingModel
 
 RTOL = 1e-5
@@ -39,19 +40,9 @@ VISION_TINY = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, o
 
 
 def tiny_vl(out, model_type: str = "qwen3_vl", seed: int = 0):
-    """A tiny vision-language folder written by transformers; norms, ``A_log`` and ``dt_bias`` perturbed (they
-    init to constants)."""
-    torch.manual_seed(seed)
+    """A tiny vision-language folder written by transformers (norms, ``A_log``, ``dt_bias`` perturbed)."""
     vision = {**VISION_TINY, "deepstack_visual_indexes": [0]} if model_type == "qwen3_vl" else VISION_TINY
-    config = AutoConfig.for_model(model_type, text_config=TEXT_CONFIGS[model_type], vision_config=vision,
-                                  tie_word_embeddings=False)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(("A_log", "dt_bias")):
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
+    return make_tiny_vl_checkpoint(out, model_type, TEXT_CONFIGS[model_type], vision, seed=seed)
 
 
 def reference(path):
