@@ -623,12 +623,11 @@ class KVQuantizer(ActQuantizer):
         super().__init__(bits=8, mode="static", lac=lac, device=device)
         self.fmt = fmt
 
-    def qparams(self) -> tuple[Tensor, Tensor]:
-        """``(scale [1], zero_point [1])``: int8 as :class:`ActQuantizer`; fp8 ``absmax / 448`` and a zero point
-        of 0 (e4m3 codes are symmetric)."""
+    def _range_qparams(self, absmax: Tensor) -> tuple[Tensor, Tensor]:
+        """int8 as :class:`ActQuantizer`; fp8 ``absmax / 448`` and a zero point of 0 (e4m3 codes are symmetric)."""
         if self.fmt == "int8":
-            return super().qparams()
-        scale = (self.clipped_absmax() / FP8_E4M3_MAX).clamp(min=SCALE_EPS)
+            return super()._range_qparams(absmax)
+        scale = (absmax / FP8_E4M3_MAX).clamp(min=SCALE_EPS)
         return scale, torch.zeros_like(scale)
 
     def fake_quant(self, x: Tensor) -> Tensor:
@@ -639,7 +638,7 @@ class KVQuantizer(ActQuantizer):
     def _fake_quant_at(self, x32: Tensor, absmax: Tensor) -> Tensor:
         if self.fmt == "int8":
             return super()._fake_quant_at(x32, absmax)
-        return fake_quantize_fp8(x32, (absmax / FP8_E4M3_MAX).clamp(min=SCALE_EPS))
+        return fake_quantize_fp8(x32, self._range_qparams(absmax)[0])
 
     def get_qparams(self) -> dict[str, Tensor]:
         """``{"scale": fp32 [1]}``; deploy names it ``k_scale`` / ``v_scale``."""
