@@ -60,7 +60,7 @@ QWEN3_NEXT = dict(  # every linear on the 128-row tile grid but the 64-row k / v
     linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512,
     decoder_sparse_step=1, mlp_only_layers=[1], intermediate_size=1024, max_shard_size="20MB")
-QWEN3_5_TEXT = dict(  # decoder on the 128-row tile grid but the 128-row k / v and the small DeltaNet b / a
+QWEN3_5_TEXT = dict(  # every decoder linear on the 128-row tile grid but DeltaNet's small in_proj_b / in_proj_a
     vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, initializer_range=0.05,
     layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],

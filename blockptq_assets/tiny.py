@@ -58,6 +58,15 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def _perturb_constant_inits(model: torch.nn.Module, suffixes: tuple[str, ...] = ()) -> None:
+    """Add noise to the parameters transformers initialises to constants (norms: all ones; and those ending in
+    ``suffixes``), so that tests see them."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(suffixes):
+                param.add_(0.1 * torch.randn_like(param))
+
+
 def make_tiny_checkpoint(
     out_dir: str | Path,
     model_type: str = "llama",
@@ -82,10 +91,7 @@ def make_tiny_checkpoint(
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():  # random init of norms is all ones; perturb so tests see them
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
+    _perturb_constant_inits(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     return Path(out_dir)
@@ -101,10 +107,7 @@ def make_tiny_vl_checkpoint(out_dir: str | Path, model_type: str, text_config: d
     config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=vision_config,
                                   tie_word_embeddings=False)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(("A_log", "dt_bias")):
-                param.add_(0.1 * torch.randn_like(param))
+    _perturb_constant_inits(model, suffixes=("A_log", "dt_bias"))
     model.save_pretrained(out_dir)
     return Path(out_dir)
 
