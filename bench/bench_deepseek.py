@@ -39,7 +39,7 @@ import deploy as deploy_cli  # noqa: E402
 import eval_ppl  # noqa: E402
 import extract_calib_data  # noqa: E402
 import main as main_cli  # noqa: E402
-from bench.bench_quality import BASELINE_SCRIPT, BASELINES, ensure_baseline_venv  # noqa: E402
+from bench.bench_quality import BASELINE_SCRIPT, BASELINES, ensure_baseline_venv, run_baseline  # noqa: E402
 from blockptq_assets.assets import ensure_assets  # noqa: E402
 from blockptq_assets.tiny_trained import ensure_tiny_deepseek  # noqa: E402
 from cores.calibrator.params import ParamDir  # noqa: E402
@@ -114,14 +114,15 @@ def main() -> None:
                                         "--overwrite"]) == 0
             rows.append((f"{scheme} {act} learned, deployed", ppl(deployed.name, deployed),
                          f"{_mib(deployed):.1f} MiB"))
-            records = ParamDir(out).records("moe")
-            moe = [r for r in records if r["expert_tokens"]]
+            params = ParamDir(out)
+            records = params.records()
+            moe = [r for r in params.records("moe") if r["expert_tokens"]]
             counts = [c for r in moe for c in r["expert_tokens"]]
             fallbacks = sum(len(r["rtn_experts"]) for r in moe)
-            better = sum(r["loss_learned"] < r["loss_rtn"] for r in ParamDir(out).records())
+            better = sum(r["loss_learned"] < r["loss_rtn"] for r in records)
             rows.append((f"  {len(counts)} routed experts, tokens min {min(counts)} / median "
                          f"{sorted(counts)[len(counts) // 2]} / max {max(counts)}, {fallbacks} kept RTN; "
-                         f"learned < RTN in {better}/{len(ParamDir(out).records())} sub-blocks", None, ""))
+                         f"learned < RTN in {better}/{len(records)} sub-blocks", None, ""))
     recipes = list(filter(None, args.baselines.split(",")))
     if recipes:
         bf16 = run / "bf16_dequant"
@@ -132,11 +133,9 @@ def main() -> None:
         for recipe in recipes:
             out = run / "baselines" / f"{recipe}_L{args.eval_seq_len}_w{args.max_windows}.json"
             if not out.is_file():
-                subprocess.run([str(py), str(BASELINE_SCRIPT), "--recipe", recipe, "--model", str(bf16),
-                                "--tokens", str(dump / "tokens.safetensors"), "--eval_text", str(assets.eval_text),
-                                "--seq_len", str(args.eval_seq_len), "--max_windows", str(args.max_windows),
-                                "--threads", str(args.threads), "--ignore", PEER_IGNORE, "--output_json", str(out)],
-                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                run_baseline([str(py), str(BASELINE_SCRIPT)], recipe, bf16, dump / "tokens.safetensors",
+                             assets.eval_text, args, out, "--ignore", PEER_IGNORE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
             result = json.loads(out.read_text())
             rows.append((PEER_LABELS[recipe], result["ppl"],
                          "" if recipe == "bf16" else f"{result['quant_seconds']:.0f} s"))

@@ -149,6 +149,16 @@ def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str)
     return rows
 
 
+def run_baseline(cmd: list[str], recipe: str, model: Path, tokens: Path, eval_text: Path, args: argparse.Namespace,
+                 out: Path, *extra: str, **run_kw) -> None:
+    """Run a peer script (``cmd``: its venv's python and the script) on ``model``, calibrated on the dump's
+    ``tokens`` and evaluated on the windows of ``args`` (``eval_seq_len``, ``max_windows``, ``threads``);
+    it writes ``out``."""
+    subprocess.run([*cmd, "--recipe", recipe, "--model", str(model), "--tokens", str(tokens), "--eval_text",
+                    str(eval_text), "--seq_len", str(args.eval_seq_len), "--max_windows", str(args.max_windows),
+                    "--threads", str(args.threads), *extra, "--output_json", str(out)], check=True, **run_kw)
+
+
 def baseline_row(assets: Assets, args: argparse.Namespace, recipe: str) -> Row:
     """Run one peer recipe in its own venv (cached) on our calibration tokens and eval windows.
 
@@ -167,11 +177,8 @@ def baseline_row(assets: Assets, args: argparse.Namespace, recipe: str) -> Row:
             py = ensure_baseline_venv(args.venv)
             script = [str(BASELINE_SCRIPT)]
         log.info("%s: running in %s", recipe, py)
-        subprocess.run([str(py), *script, "--recipe", recipe, "--model", str(assets.model_dir),
-                        "--tokens", str(args.run_dir / "calib" / "tokens.safetensors"),
-                        "--eval_text", str(assets.eval_text), "--seq_len", str(args.eval_seq_len),
-                        "--max_windows", str(args.max_windows), "--threads", str(args.threads),
-                        "--output_json", str(out)], check=True)
+        run_baseline([str(py), *script], recipe, assets.model_dir, args.run_dir / "calib" / "tokens.safetensors",
+                     assets.eval_text, args, out)
     result = json.loads(out.read_text())
     log.info("%s: ppl %.4f, versions %s", recipe, result["ppl"], result["versions"])
     label = BASELINES[recipe] + (f", {args.autoround_iters} iters" if autoround else "")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from bench.bench_quality import AUTOROUND_SCRIPT, ensure_baseline_venv  # noqa: E402
-from bench.common import peak_rss_mib  # noqa: E402
+from bench.common import extract_peak_rss, peak_rss_mib  # noqa: E402
 from blockptq_assets.assets import ensure_assets  # noqa: E402
 from cores.calibrator.params import ParamDir  # noqa: E402
 
@@ -76,8 +76,7 @@ def main() -> None:
     dump, params = run / "dump", run / f"ours_e{args.epochs}"
     py = sys.executable
     if not (dump / "manifest.json").is_file():
-        peak_rss_mib([py, "extract_calib_data.py", "--model", str(model), "--dataset", str(assets.train_text),
-                      "--n_samples", str(args.n_samples), "--seq_len", str(args.seq_len), "--output_dir", str(dump)])
+        extract_peak_rss(model, assets.train_text, args.n_samples, args.seq_len, dump)
     shutil.rmtree(params, ignore_errors=True)
     ours_rss = peak_rss_mib([py, "main.py", "--model", str(model), "--data_dir", str(dump), "--output_dir",
                              str(params), "--scheme", "w4a8c16", "--act", "dynamic", "--group_size", "64",
