@@ -120,6 +120,12 @@ VARIANTS = {  # name -> (label, TrainConfig overrides): the ablation, each row a
 }
 
 
+def learned_tag(args: argparse.Namespace) -> str:
+    """The param dir suffix of non-default learning settings (none: the names earlier runs cached under)."""
+    parts = [f"_{k}{v}" for k, v in (("lr", args.lr), ("lwclr", args.lwc_lr), ("roundlr", args.round_lr)) if v]
+    return "".join(parts) + (f"_{args.round_optimizer}" if args.round_optimizer else "")
+
+
 def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str) -> list[Row]:
     """Train (or reuse) one param dir per ablation variant of one scheme and evaluate each.
 
@@ -133,8 +139,9 @@ def scheme_rows(assets: Assets, args: argparse.Namespace, scheme: str, act: str)
                           scheme=scheme, act=act.removesuffix("_zp"), act_zero_point=act.endswith("_zp"),
                           kv_format=args.kv_format,
                           group_size=args.group_size if w4 else None, epochs=args.epochs, lr=args.lr,
-                          lwc_lr=args.lwc_lr, **overrides)
-        out = args.run_dir / (f"{tag}_rtn" if cfg.rtn else f"{tag}_{variant}_e{args.epochs}")
+                          lwc_lr=args.lwc_lr, round_lr=args.round_lr, round_optimizer=args.round_optimizer,
+                          **overrides)
+        out = args.run_dir / (f"{tag}_rtn" if cfg.rtn else f"{tag}_{variant}_e{args.epochs}{learned_tag(args)}")
         cfg = replace(cfg, output_dir=str(out))
         records = run_training(cfg).records()
         seconds = sum(r["seconds"] for r in records)
@@ -190,7 +197,8 @@ def table(rows: list[Row], bf16: float, args: argparse.Namespace) -> str:
             f"{args.n_samples} x {args.calib_seq_len} tokens of the train split; learned: {args.epochs} epochs, "
             f"LAC lr {args.lr or '1e-2 static, 2e-3 dynamic'}, LWC lr {args.lwc_lr or '2e-3 at W8, 1e-2 at W4'}; "
             f"W4 group {args.group_size}; "
-            f"C8 {args.kv_format}\n")
+            f"C8 {args.kv_format}; rounding offsets {args.round_optimizer or 'default update'}, lr "
+            f"{args.round_lr or 'default'}\n")
     lines = [f"{'model':<48} {'ppl':>9} {'vs bf16':>9} {'blk learned<rtn':>16} {'fallbacks':>10} {'wall s':>8}"]
     for r in rows:
         secs = "" if r.seconds is None else f"{r.seconds:.1f}"
@@ -208,6 +216,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, help="activation / KV clip learning rate (default: the trainer's, by act)")
     p.add_argument("--lwc_lr", type=float, help="weight clip learning rate (default: the trainer's, by bits)")
+    p.add_argument("--round_lr", type=float, help="rounding offset learning rate (default: the trainer's)")
+    p.add_argument("--round_optimizer", choices=("adam", "sign"),
+                   help="rounding offset update (default: the trainer's, by weight bits)")
     p.add_argument("--eval_seq_len", type=int, default=512)
     p.add_argument("--max_windows", type=int, default=32, help="eval windows (the first N)")
     p.add_argument("--group_size", type=int, default=64, help="W4 group size")

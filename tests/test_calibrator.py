@@ -120,6 +120,29 @@ def test_rerun_skips_done_blocks_and_refuses_other_runs(tiny, tmp_path):
         run_training(TrainConfig(**{**cfg.__dict__, "scheme": "w8a8c8"}))
 
 
+def test_sign_step_moves_each_offset_by_the_rate_and_clamps():
+    from cores.calibrator.fit import sign_step
+
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.49, -0.49, 0.2]))
+    p.grad = torch.tensor([1e-9, -3.0, -1.0, 1.0, 0.0])  # the last: a weight the batch did not reach
+    sign_step([p], 0.02)
+    assert torch.equal(p.data, torch.tensor([-0.02, 0.02, 0.5, -0.5, 0.2]))
+
+
+def test_signed_rounding_learns_without_optimizer_state(tiny, tmp_path):
+    model, _, dump = tiny
+    cfg = TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "s"), scheme="w4a8c16",
+                      group_size=32, epochs=3, round_optimizer="sign", smooth=False)
+    records = run_training(cfg).records()
+    assert all(r["round_optimizer"] == "sign" and r["loss_learned"] <= r["loss_rtn"] for r in records)
+    assert all(r["round_lr"] == pytest.approx(1 / 18) for r in records)  # SignRound's 1 / steps: 3 epochs x 6
+    assert sum(r["loss_learned"] < r["loss_rtn"] for r in records) >= 2
+    offsets = [t for k, t in ParamDir(cfg.output_dir).load_block(0).items() if k.endswith("round_offset")]
+    assert offsets and all(t.abs().max() <= 0.5 for t in offsets) and any(t.abs().max() > 0 for t in offsets)
+    with pytest.raises(ValueError, match="round_optimizer 'lion'"):
+        TrainConfig(model=str(model), data_dir=str(dump), output_dir="x", round_optimizer="lion")
+
+
 def test_sequential_mode_trains_every_block(tiny, tmp_path):
     model, _, dump = tiny
     params = run_training(TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "s"),

@@ -4,9 +4,9 @@ A train mode says what one *row* is (a calibration sample for a block or an
 attention sub-block, a token for an expert) and how to compute the loss of a
 batch of rows; :func:`fit` does the rest: calibrate static ranges, measure
 round-to-nearest, choose initial smoothing scales where the module has smoothers,
-learn clips, rounding offsets and smoothing scales with AdamW (learning rate decaying
-linearly to 0, each kind with its own rate), measure the deployed (frozen) forward
-after every epoch and keep the best state, the starting one included.
+learn clips and smoothing scales with AdamW and rounding offsets with signed steps (or
+AdamW), every rate decaying linearly to 0, measure the deployed (frozen) forward after
+every epoch and keep the best state, the starting one included.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ class FitOptions:
         epochs: passes over the rows (0: round-to-nearest only).
         lr: AdamW learning rate of the activation and KV-cache clipping logits (LAC).
         lwc_lr: learning rate of the weight clipping logits (LWC); None: ``lr``.
-        round_lr: learning rate of the rounding offsets; None: ``lwc_lr``.
+        round_lr: learning rate of the rounding offsets; None: ``lwc_lr`` with ``adam``,
+            ``1 / steps`` with ``sign`` (SignRound's rate: an offset can travel 0.5 in all).
+        round_optimizer: ``adam``: the offsets learn in the AdamW groups; ``sign``: signed gradient
+            descent (SignRound's update, ``offset -= lr * sign(grad)``, clamped to [-0.5, 0.5]) on the
+            same linearly decaying rate, with no optimizer state.
         smooth_alphas: SmoothQuant migration strengths tried for the initial smoothing scales
             (identity is always a candidate); empty: smoothing stays identity and is not learned.
         smooth_lr: learning rate of the log smoothing scales; None: ``lr``.
@@ -58,6 +62,7 @@ class FitOptions:
     seed: int = 0
     lwc_lr: float | None = None
     round_lr: float | None = None
+    round_optimizer: str = "adam"
     smooth_alphas: tuple[float, ...] = ()
     smooth_lr: float | None = None
     smooth_search_rows: int = 2
@@ -172,6 +177,16 @@ def mean_loss(batch_loss: BatchLoss, n: int, batch: int) -> float:
     return total / max(weight, 1e-30)
 
 
+@torch.no_grad()
+def sign_step(offsets: list[nn.Parameter], lr: float) -> None:
+    """One signed-gradient step of the rounding offsets (SignRound), kept in [-0.5, 0.5], in place.
+
+    An offset the batch did not reach (an idle expert's) has a zero grad and stays."""
+    for p in offsets:
+        if p.grad is not None:
+            p.sub_(p.grad.sign_(), alpha=lr).clamp_(-0.5, 0.5)
+
+
 def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
         label: str) -> tuple[dict[str, Tensor], dict]:
     """Calibrate, search the start (:func:`search_init`), then learn clips, rounding and smoothing; keep the best.
@@ -211,18 +226,24 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
     smooth = {id(p) for name, p in named.items() if name.endswith("smooth.log_scale")}
     lwc = {id(p) for name, p in named.items() if "weight_quantizer." in name} - rounding
     lwc_lr = opts.lwc_lr or opts.lr
+    steps = opts.epochs * math.ceil(n / opts.batch)
+    signed = [p for p in params if id(p) in rounding] if opts.round_optimizer == "sign" else []
+    # signed steps: SignRound's 1 / steps, so that an offset can travel 0.5 under the linear decay
+    round_lr = opts.round_lr or (1.0 / steps if signed else lwc_lr)
+    record["round_lr"] = round_lr
     groups = [{"params": [p for p in params if id(p) in lwc], "lr": lwc_lr},
-              {"params": [p for p in params if id(p) in rounding], "lr": opts.round_lr or lwc_lr},
+              {"params": [p for p in params if id(p) in rounding and not signed], "lr": round_lr},
               {"params": [p for p in params if id(p) in smooth], "lr": opts.smooth_lr or opts.lr},
               {"params": [p for p in params if id(p) not in lwc | rounding | smooth], "lr": opts.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=opts.weight_decay, foreach=False)
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=opts.weight_decay, foreach=False) if groups else None
     # the loss relative to the start: block losses are 1e-5..1e-2, and their gradients would sit below
     # AdamW's eps (1e-8), which then damps every step; relative to the start, gradients are O(1)
     loss_scale = 1.0 / max(record["loss_learned"], 1e-30)
-    steps = opts.epochs * math.ceil(n / opts.batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)  # linear decay to 0
+    decay = lambda step: 1.0 - step / steps  # noqa: E731  linear decay to 0, every kind of parameter
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if opt else None
     gen = torch.Generator().manual_seed(opts.seed)
-    best_state = rtn_state
+    best_state, step = rtn_state, 0
     for epoch in tqdm(range(1, opts.epochs + 1), desc=f"{label}: train", leave=False, unit="epoch"):
         set_quant_state(module, QuantState.FAKE_QUANT)
         order, total, weight = torch.randperm(n, generator=gen), 0.0, 0.0
@@ -230,10 +251,16 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
             loss, w = batch_loss(order[lo:lo + opts.batch].sort().values)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss is {float(loss)} in epoch {epoch}; lower --lr")
-            opt.zero_grad(set_to_none=False)
+            for p in params:  # zeroed, not freed: reused buffers keep glibc's heap from fragmenting
+                if p.grad is not None:
+                    p.grad.zero_()
             (loss * loss_scale).backward()
-            opt.step()
-            sched.step()
+            if signed:
+                sign_step(signed, round_lr * decay(step))
+            if opt:
+                opt.step()
+                sched.step()
+            step += 1
             total, weight = total + float(loss.detach()) * w, weight + w
         record["epoch_losses"].append(total / max(weight, 1e-30))
         freeze(module)

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 
 from ..calibrator.params import TRAIN_MODES
-from ..calibrator.trainer import TrainConfig, run_training, summarize
+from ..calibrator.trainer import ROUND_OPTIMIZERS, TrainConfig, run_training, summarize
 from ..quantization import scheme_names
 from ..utils.config import build_config, load_yaml
 from ..utils.distributed import distributed
@@ -72,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--lr", "--base_lr", dest="lr", type=float,
                    help="learning rate of the activation / KV clipping (default 1e-2 static, 2e-3 dynamic)")
     p.add_argument("--lwc_lr", type=float, help="learning rate of the weight clipping (default 1e-2 W4, 2e-3 W8)")
-    p.add_argument("--round_lr", type=float, help="learning rate of the rounding offsets (default 5e-3)")
+    p.add_argument("--round_lr", type=float,
+                   help="learning rate of the rounding offsets (default 1 / steps signed, 5e-3 with adam)")
+    p.add_argument("--round_optimizer", choices=list(ROUND_OPTIMIZERS),
+                   help="sign (default at W4): SignRound's signed gradient descent at 1 / steps, no optimizer "
+                        "state; adam (default at W8): the rounding offsets in AdamW at --round_lr")
     p.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--batch_size", "--cali_bsz", dest="batch_size", type=at_least(1),
                    help="samples per step (default 1)")
@@ -101,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
     flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point",
                                         "kv_format", "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr",
-                                        "loss", "epochs", "lr", "lwc_lr", "round_lr", "weight_decay", "batch_size",
+                                        "loss", "epochs", "lr", "lwc_lr", "round_lr", "round_optimizer",
+                                        "weight_decay", "batch_size",
                                         "start_block_idx", "end_block_idx", "train_mode", "min_expert_tokens", "rtn",
                                         "sequential", "seed")}
     flags.update(scheme=a.scheme or from_bits)
