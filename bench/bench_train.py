@@ -12,11 +12,13 @@ on the same dump: the ratio is this tree's peak over REV's.
 
 Usage:
     python bench/bench_train.py [--layers 6] [--n_samples 8] [--seq_len 256] [--baseline REV] [--skip_depth]
+        [--repeats 3] [--flags "--round_optimizer sign"]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,10 @@ def main() -> None:
     p.add_argument("--baseline", metavar="REV", help="also compare block-mode peak RSS on an MoE block with REV")
     p.add_argument("--skip_depth", action="store_true", help="only the MoE comparison")
     p.add_argument("--experts", type=int, default=32, help="routed experts of the MoE block (default 32)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each side (peak RSS of one run varies by up to 20 %% here); the median is compared")
+    p.add_argument("--flags", default="", help="more main.py flags for this tree's MoE run, e.g. "
+                                               "'--round_optimizer sign'")
     args = p.parse_args()
     if not args.skip_depth:
         depth(args)
@@ -87,16 +93,21 @@ def moe_block(args) -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            rss = {}
-            for name, tree in (("baseline", base), ("this tree", ROOT)):
-                rss[name] = peak_rss_mib([
-                    sys.executable, str(tree / "main.py"), "--model", str(model), "--data_dir", str(dump),
-                    "--output_dir", str(work / f"params_{tree.name}"), "--scheme", args.scheme, "--epochs", "1",
-                    "--start_block_idx", "1", "--end_block_idx", "2"], cwd=tree)
+            rss = {"baseline": [], "this tree": []}
+            for rep in range(args.repeats):  # interleaved: a slow phase of the machine hits both sides
+                for name, tree in (("baseline", base), ("this tree", ROOT)):
+                    out = work / f"params_{tree.name}_{rep}"
+                    rss[name].append(peak_rss_mib([
+                        sys.executable, str(tree / "main.py"), "--model", str(model), "--data_dir", str(dump),
+                        "--output_dir", str(out), "--scheme", args.scheme, "--epochs", "1", "--start_block_idx", "1",
+                        "--end_block_idx", "2", *(args.flags.split() if tree == ROOT else ())], cwd=tree))
+                    print(f"  run {rep + 1}/{args.repeats} {name}: {rss[name][-1]:7.1f} MiB", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
-    print(f"checkpoint {size:7.1f} MiB   main.py --train_mode block: {args.baseline} {rss['baseline']:7.1f} MiB   "
-          f"this tree {rss['this tree']:7.1f} MiB   ratio {rss['this tree'] / rss['baseline']:.3f} (goal <= 0.6)")
+    med = {name: statistics.median(values) for name, values in rss.items()}
+    print(f"checkpoint {size:7.1f} MiB   main.py --train_mode block, median of {args.repeats}: {args.baseline} "
+          f"{med['baseline']:7.1f} MiB   this tree {args.flags} {med['this tree']:7.1f} MiB   "
+          f"ratio {med['this tree'] / med['baseline']:.3f} (goal <= 0.6)")
 
 
 if __name__ == "__main__":
