@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--skip_depth", action="store_true", help="only the MoE comparison")
     p.add_argument("--experts", type=int, default=32, help="routed experts of the MoE block (default 32)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each side (peak RSS of one run varies by up to 20 %% here); the median is compared")
+                   help="runs of each side (peak RSS of one run varies by up to a third here); the median is compared")
     p.add_argument("--flags", default="", help="more main.py flags for this tree's MoE run, e.g. "
                                                "'--round_optimizer sign'")
     args = p.parse_args()

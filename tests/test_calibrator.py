@@ -129,7 +129,7 @@ def test_sign_step_moves_each_offset_by_the_rate_and_clamps():
     assert torch.equal(p.data, torch.tensor([-0.02, 0.02, 0.5, -0.5, 0.2]))
 
 
-def test_signed_rounding_learns_without_optimizer_state(tiny, tmp_path):
+def test_signed_rounding_learns_at_one_over_steps_and_refuses_unknown_updates(tiny, tmp_path):
     model, _, dump = tiny
     cfg = TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "s"), scheme="w4a8c16",
                       group_size=32, epochs=3, round_optimizer="sign", smooth=False)
