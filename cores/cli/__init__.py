@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..calibrator.dump import DumpError
+from ..calibrator.jobs import TrainJobError
 from ..calibrator.params import ParamDirError
 from ..deploy.writer import DeployError
 from ..models.registry import UnsupportedModelError
@@ -37,11 +38,12 @@ class UsageError(ValueError):
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError, CheckpointError, UnsupportedModelError, DumpError, ParamDirError, DeployError, DatasetNotFoundError,
-    ValueError, FloatingPointError, OSError,
+    TrainJobError, ValueError, FloatingPointError, OSError,
 )
 """What a user's input or machine can cause: reported in one line with exit code 2.
 ``OSError`` covers what no check can foresee (a disk that fills up or turns read-only
-mid-run); its message names the file."""
+mid-run); its message names the file. A failed parallel training job (``TrainJobError``)
+names the job and its error (the job's traceback is logged at DEBUG level)."""
 
 
 def run_main(body: Callable[[], int], log: logging.Logger) -> int:

@@ -1,7 +1,8 @@
 """One command from an FP model to a deployed (optionally mixed-precision) checkpoint and its perplexity.
 
 Chains extract_calib_data.py, main.py, deploy.py, the BF16-layer mix and eval_ppl.py, driven by a
-recipe (cores/recipes/); rerunning resumes, each stage skipping what it finished. Example:
+recipe (cores/recipes/); rerunning resumes, each stage skipping what it finished. --jobs N trains the
+blocks in N processes at once. Prints the result as JSON, then a summary table. Example:
 
     python quantize.py --model_name HuggingFaceTB/SmolLM2-135M-Instruct --model_path assets/smollm2-135m \
         --save_path outputs/smollm2-flow --calib_dataset assets/corpus/train.txt \
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import logging
 
-from ..recipes.flow import FlowConfig, run_flow
+from ..recipes.flow import FlowConfig, run_flow, summary_table
 from ..utils.logging import setup_logging
 from . import (at_least, check_device, check_output_dir, check_output_folder, command_parser, config_from_args,
                device_flag, run_main)
@@ -40,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> FlowConfig:
     p.add_argument("--eval_windows", type=at_least(1), help="evaluate only the first N windows")
     p.add_argument("--no_eval_bf16", dest="eval_bf16", action="store_false", default=None,
                    help="do not evaluate the source")
-    p.add_argument("--dev", help="cpu, cuda:N or N (default cpu)")
+    p.add_argument("--dev", help="cpu, cuda, cuda:N or N (default cpu)")
+    p.add_argument("--jobs", type=at_least(1), metavar="N",
+                   help="training processes, each taking every N-th block (default 1; not with sequential "
+                        "training): on cpu each gets cpu_count / N threads, on cuda job i uses cuda:(i mod "
+                        "device count), on cuda:K all use it")
     a = p.parse_args(argv)
     cfg = config_from_args(FlowConfig, a)
     check_output_dir("--save_path", cfg.save_path)
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: FlowConfig) -> int:
-    print(json.dumps(run_flow(cfg), indent=2))
+    out = run_flow(cfg)
+    print(json.dumps(out, indent=2))
+    print()
+    print(summary_table(out, cfg.save_path))
     return 0
 

@@ -2,18 +2,21 @@
 
 Every stage is one call of the function behind its own command
 (:func:`~cores.calibrator.extract.extract_calibration`,
-:func:`~cores.calibrator.trainer.run_training`, :func:`~cores.deploy.deploy`,
+:func:`~cores.calibrator.jobs.run_training_jobs`, :func:`~cores.deploy.deploy`,
 :func:`~cores.recipes.mixed.restore_bf16_layers`,
 :func:`~cores.eval.perplexity.evaluate_ppl`), each of which resumes on its own:
 a finished dump, param block, deploy or mix is found and skipped, and a folder
 made with other settings is refused. An evaluation is skipped when its JSON holds
-a result of the same model and settings. Layout under ``save_path``::
+a result of the same model and settings. With ``jobs > 1`` the blocks train in that
+many processes at once (not with ``sequential`` training, whose blocks chain).
+:func:`summary_table` formats what a run produced. Layout under ``save_path``::
 
     calib/        the calibration dump
     params/       the learned params
     deployed/     the compressed-tensors checkpoint
     recipe.yaml   the recipe the run used
     ppl_*.json    perplexities (bf16 source, deployed, mixed)
+    flow.json     the config and what :func:`run_flow` returned
 
 and the mixed-precision checkpoint at ``mix_path`` (``save_path/mixed`` by default)
 when the recipe keeps layers in BF16.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +54,9 @@ class FlowConfig:
         eval_seq_len: Evaluation window length.
         eval_windows: Evaluation windows (None: all).
         eval_bf16: Also evaluate the source model.
-        device: ``cpu`` or ``cuda:N``.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        jobs: Training processes, each taking every ``jobs``-th block (on ``cuda`` job ``i`` uses
+            ``cuda:{i % device_count}``; on ``cpu`` each gets ``cpu_count // jobs`` threads).
     """
 
     model_path: str
@@ -66,6 +72,11 @@ class FlowConfig:
     eval_windows: int | None = None
     eval_bf16: bool = True
     device: str = "cpu"
+    jobs: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ValueError(f"jobs must be an integer of at least 1, got {self.jobs!r}")
 
 
 def resolve_recipe(cfg: FlowConfig) -> Recipe:
@@ -89,6 +100,10 @@ def resolve_recipe(cfg: FlowConfig) -> Recipe:
                           "add 'smooth: false' under training, or use a c16 scheme")
     if cfg.mix_path and not recipe.bf16_layers:
         raise RecipeError(f"{path}: --mix_path given but the recipe keeps no bf16_layers")
+    if cfg.jobs > 1 and recipe.training.get("sequential", False):
+        raise RecipeError(f"{path}: training.sequential feeds each block the outputs of the quantized blocks before "
+                          f"it, so its blocks cannot train in --jobs {cfg.jobs} parallel jobs; use --jobs 1, or "
+                          "drop sequential")
     return recipe
 
 
@@ -152,9 +167,19 @@ def _eval(model: str, out: Path, cfg: FlowConfig) -> float:
 
 
 def run_flow(cfg: FlowConfig) -> dict:
-    """Run (or resume) every stage; returns what each produced (paths, perplexities)."""
+    """Run (or resume) every stage.
+
+    Returns:
+        What each stage produced: paths (``calib``, ``params``, ``deployed``, ``mixed``), result lines (``dump``,
+        ``train``, ``deploy``, ``mix``), perplexities by checkpoint (``ppl``) and wall seconds by stage
+        (``seconds``); also written to ``save_path/flow.json`` with the config.
+
+    Raises:
+        TrainJobError: when a parallel training job failed (its finished blocks are kept).
+    """
     from ..calibrator.extract import ExtractConfig, extract_calibration
-    from ..calibrator.trainer import TrainConfig, run_training
+    from ..calibrator.jobs import run_training_jobs
+    from ..calibrator.trainer import TrainConfig, summarize
     from ..deploy import DeployConfig, deploy
     from ..utils.io import atomic_write_text
     from .mixed import restore_bf16_layers
@@ -164,29 +189,80 @@ def run_flow(cfg: FlowConfig) -> dict:
     save.mkdir(parents=True, exist_ok=True)
     atomic_write_text(save / "recipe.yaml", Path(recipe.path).read_text())
     out: dict = {"recipe": recipe.path}
+    seconds: dict[str, float] = {}
     log.info("flow: recipe %s (scheme %s, bf16 layers %s)", recipe.path, recipe.scheme, list(recipe.bf16_layers))
     calib = save / "calib"
-    extract_calibration(ExtractConfig(model=cfg.model_path, output_dir=str(calib), dataset=cfg.calib_dataset,
-                                      n_samples=cfg.n_samples, seq_len=cfg.seq_len, device=cfg.device))
+    start = time.perf_counter()
+    manifest = extract_calibration(ExtractConfig(model=cfg.model_path, output_dir=str(calib),
+                                                 dataset=cfg.calib_dataset, n_samples=cfg.n_samples,
+                                                 seq_len=cfg.seq_len, device=cfg.device))
+    seconds["dump"] = time.perf_counter() - start
     out["calib"] = str(calib)
+    out["dump"] = f"{manifest.n_samples} windows x {manifest.seq_len} tokens of {manifest.dataset}"
     params = save / "params"
-    run_training(TrainConfig(model=cfg.model_path, data_dir=str(calib), output_dir=str(params), device=cfg.device,
-                             **recipe.train_options()))
+    start = time.perf_counter()
+    trained = run_training_jobs(TrainConfig(model=cfg.model_path, data_dir=str(calib), output_dir=str(params),
+                                            device=cfg.device, **recipe.train_options()), cfg.jobs)
+    seconds["train"] = time.perf_counter() - start
     out["params"] = str(params)
+    out["train"] = summarize(trained) + (f" ({cfg.jobs} jobs)" if cfg.jobs > 1 else "")
     deployed = save / "deployed"
+    start = time.perf_counter()
     result = deploy(DeployConfig(cfg.model_path, str(deployed), recipe.scheme, param_dir=str(params)))
+    seconds["deploy"] = time.perf_counter() - start
     out["deployed"] = str(deployed)
     out["deploy"] = result.line()
     checkpoints = {"deployed": str(deployed)}
     if recipe.bf16_layers:
         mixed = Path(cfg.mix_path) if cfg.mix_path else save / "mixed"
+        start = time.perf_counter()
         mix = restore_bf16_layers(deployed, cfg.model_path, list(recipe.bf16_layers), mixed)
+        seconds["mix"] = time.perf_counter() - start
         out["mixed"] = str(mixed)
         out["mix"] = mix.line()
         checkpoints["mixed"] = str(mixed)
     if cfg.eval_dataset:
         if cfg.eval_bf16:
             checkpoints = {"bf16": cfg.model_path, **checkpoints}
-        out["ppl"] = {name: _eval(path, save / f"ppl_{name}.json", cfg) for name, path in checkpoints.items()}
+        out["ppl"] = {}
+        for name, path in checkpoints.items():
+            start = time.perf_counter()
+            out["ppl"][name] = _eval(path, save / f"ppl_{name}.json", cfg)
+            seconds[f"eval {name}"] = time.perf_counter() - start
+    out["seconds"] = {stage: round(value, 3) for stage, value in seconds.items()}
     atomic_write_text(save / "flow.json", json.dumps({"config": asdict(cfg), **out}, indent=2) + "\n")
     return out
+
+
+def summary_table(out: dict, save_path: str | Path | None = None) -> str:
+    """A plain-text table of a flow's result (what :func:`run_flow` returns): one row per stage with what it
+    wrote, its wall time and its result; one eval row per checkpoint, with the change against the bf16 source
+    when that was evaluated.
+
+    Args:
+        out: :func:`run_flow`'s result.
+        save_path: The flow's ``save_path``, to name the ``ppl_*.json`` files (None: the eval rows name none).
+    """
+    seconds = out.get("seconds", {})
+    rows = [("stage", "output", "time", "result")]
+
+    def add(stage: str, output: str, result: str) -> None:
+        took = seconds.get(stage)
+        lines = result.splitlines() or [""]
+        rows.append((stage, output, "" if took is None else f"{took:.1f} s", lines[0]))
+        rows.extend(("", "", "", line) for line in lines[1:])
+
+    add("dump", out["calib"], out["dump"])
+    add("train", out["params"], out["train"])
+    add("deploy", out["deployed"], out["deploy"])
+    if "mixed" in out:
+        add("mix", out["mixed"], out["mix"])
+    ppl = out.get("ppl", {})
+    base = ppl.get("bf16")
+    for name, value in ppl.items():
+        change = f" ({(value / base - 1) * 100:+.2f} % vs bf16)" if base and name != "bf16" else ""
+        add(f"eval {name}", str(Path(save_path) / f"ppl_{name}.json") if save_path is not None else "",
+            f"ppl {value:.4f}{change}")
+    widths = [max(len(row[col]) for row in rows) for col in range(3)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+                     for row in rows)

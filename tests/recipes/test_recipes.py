@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -245,6 +246,118 @@ def test_flow_runs_and_resumes(tiny_deployed, tmp_path, caplog):
         again = run_flow(cfg)
     assert again["ppl"] == out["ppl"]
     assert "this deploy already" in caplog.text and "done already" in caplog.text
+
+
+TRAINED = "version: 1\nscheme: w8a8c16\noptions: {act: dynamic}\nignore: [lm_head]\ntraining: {epochs: 1}\n"
+
+
+def _flow_cfg(src, tmp_path, name: str, jobs: int):
+    from cores.recipes.flow import FlowConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    (tmp_path / "trained.yaml").write_text(TRAINED)
+    return FlowConfig(model_path=str(src), save_path=str(tmp_path / name), recipe=str(tmp_path / "trained.yaml"),
+                      calib_dataset=str(text), n_samples=2, seq_len=16, jobs=jobs)
+
+
+def test_flow_jobs_train_what_one_job_trains(tiny_deployed, tmp_path):
+    """``jobs=2``: two processes train the three blocks into one param dir, tensor for tensor and loss for loss
+    what one process trains (CPU training is deterministic); the summary table has a row per stage."""
+    from cores.calibrator.params import ParamDir
+    from cores.recipes.flow import run_flow, summary_table
+
+    src, _ = tiny_deployed
+    one = run_flow(_flow_cfg(src, tmp_path, "one", 1))
+    two = run_flow(_flow_cfg(src, tmp_path, "two", 2))
+    a, b = ParamDir(one["params"]), ParamDir(two["params"])
+    assert a.done_blocks() == b.done_blocks() == [0, 1, 2]
+    for idx in range(3):
+        ta, tb = a.load_block(idx), b.load_block(idx)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ra, rb = a.records(), b.records()
+    assert [r["loss_learned"] for r in ra] == [r["loss_learned"] for r in rb]
+    assert [r["loss_rtn"] for r in ra] == [r["loss_rtn"] for r in rb]
+    assert all(r["epochs"] == 1 and not r["rtn"] for r in rb)
+    assert two["train"].endswith("(2 jobs)") and "3 blocks in" in two["train"]
+    table = summary_table(two, tmp_path / "two").splitlines()
+    assert [row.split()[0] for row in table] == ["stage", "dump", "train", "deploy"]
+    assert two["params"] in table[2] and "(2 jobs)" in table[2]
+
+
+def test_flow_jobs_refuse_sequential(tiny_deployed, tmp_path, caplog):
+    import quantize
+
+    from cores.calibrator.jobs import run_training_jobs
+    from cores.calibrator.trainer import TrainConfig
+    from cores.recipes.flow import resolve_recipe
+
+    src, _ = tiny_deployed
+    (tmp_path / "seq.yaml").write_text("version: 1\nscheme: w8a8c16\ntraining: {sequential: true}\n")
+    cfg = dataclasses.replace(_flow_cfg(src, tmp_path, "run", 2), recipe=str(tmp_path / "seq.yaml"))
+    with pytest.raises(RecipeError, match=r"seq\.yaml: training\.sequential .* cannot train in --jobs 2 parallel"):
+        resolve_recipe(cfg)
+    assert resolve_recipe(dataclasses.replace(cfg, jobs=1)).training == {"sequential": True}
+    assert quantize.main(["--model_path", str(src), "--save_path", str(tmp_path / "o"), "--recipe",
+                          str(tmp_path / "seq.yaml"), "--jobs", "3"]) == 2
+    assert "cannot train in --jobs 3 parallel jobs; use --jobs 1" in caplog.text
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="cannot be split over jobs"):
+        run_training_jobs(TrainConfig(model=str(src), data_dir="none", output_dir="none", sequential=True), 2)
+
+
+def test_plan_jobs_shares_blocks_and_devices(monkeypatch):
+    """Every jobs-th block per job, no more jobs than blocks; cuda round-robin, cuda:K for all, cpu threads split."""
+    import os
+
+    from cores.calibrator.jobs import plan_jobs
+    from cores.calibrator.trainer import TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = TrainConfig(model="m", data_dir="d", output_dir="o", start_block_idx=1, end_block_idx=8)
+    plan = plan_jobs(dataclasses.replace(cfg, device="cuda"), 3, num_blocks=30)
+    assert [job.blocks for job in plan] == [(1, 4, 7), (2, 5), (3, 6)]
+    assert [job.device for job in plan] == ["cuda:0", "cuda:1", "cuda:0"] and {job.threads for job in plan} == {None}
+    assert [job.ranks.local_rank for job in plan] == [0, 1, 0] and not any(job.ranks.grouped for job in plan)
+    assert [job.ranks.device("cuda") for job in plan] == ["cuda:0", "cuda:1", "cuda:0"]  # what run_training picks
+    assert {job.ranks.device("cuda:1") for job in plan_jobs(dataclasses.replace(cfg, device="cuda:1"), 2, 30)} \
+        == {"cuda:1"}
+    cpu = plan_jobs(cfg, 16, num_blocks=5)  # blocks 1-4: four jobs
+    assert [job.blocks for job in cpu] == [(1,), (2,), (3,), (4,)]
+    assert {job.device for job in cpu} == {"cpu"} and {job.threads for job in cpu} == {max(1, os.cpu_count() // 4)}
+
+
+def test_flow_failed_job_names_itself_and_resumes(tiny_deployed, tmp_path, capsys, caplog):
+    """A job that fails (a folder where block 1's params go) fails the flow naming the job, its blocks and its
+    error; the other job's blocks are kept, and a rerun (``quantize.py --jobs 2``) trains only block 1."""
+    import quantize
+
+    from cores.calibrator.jobs import TrainJobError
+    from cores.calibrator.params import ParamDir
+    from cores.recipes.flow import run_flow
+
+    src, _ = tiny_deployed
+    cfg = _flow_cfg(src, tmp_path, "run", 2)
+    blocker = tmp_path / "run" / "params" / "block_001.safetensors"
+    blocker.mkdir(parents=True)
+    with pytest.raises(TrainJobError, match=r"^train job 2/2 \(blocks 1; unfinished: 1\) failed: IsADirectoryError: "
+                                            r".*block_001\.safetensors.* rerun to resume$"):
+        run_flow(cfg)
+    params = ParamDir(tmp_path / "run" / "params")
+    assert params.done_blocks() == [0, 2]
+    kept = {p.name: p.read_bytes() for p in params.files() if not p.is_dir()}
+    blocker.rmdir()
+    caplog.set_level("INFO", "cores.calibrator.jobs")
+    assert quantize.main(["--model_path", str(src), "--save_path", cfg.save_path, "--recipe", cfg.recipe,
+                          "--calib_dataset", cfg.calib_dataset, "--n_samples", "2", "--seq_len", "16",
+                          "--jobs", "2"]) == 0
+    assert params.done_blocks() == [0, 1, 2]
+    assert "train: 1 of 3 blocks left, in 1 jobs (cpu)" in caplog.text  # job 1/2's blocks 0 and 2: not restarted
+    assert all((params.path / name).read_bytes() == data for name, data in kept.items())
+    printed = capsys.readouterr().out
+    result, table = printed.split("\n\n")
+    assert json.loads(result)["train"].endswith("(2 jobs)")
+    assert [row.split()[0] for row in table.splitlines()] == ["stage", "dump", "train", "deploy"]
 
 
 def test_flow_refuses_what_it_cannot_deploy(tiny_deployed, tmp_path):
