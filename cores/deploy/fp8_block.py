@@ -51,8 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..quantization import Workspace
-from ..quantization.fp8_block import Fp8BlockConfig, channel_weights, dequantize_tiles, iter_quantize_fp8_block, \
-    scale_grid
+from ..quantization.fp8_block import Fp8BlockConfig, channel_weights, iter_quantize_fp8_block, scale_grid
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
 from .export import Entry, source_entry
 from .fp8_stats import ActStats
@@ -183,15 +182,14 @@ def _fp8_entry(reader: CheckpointReader, key: str, cfg: Fp8BlockConfig, stats: A
         act = None if mean_square is None or cfg.mode == "max" else channel_weights(mean_square)
         weight_check = None if not check else WeightCheck(
             key.removesuffix(".weight"), 8, workspace, fmt="fp8", peak_weight=None if act is None else act.sqrt())
-        one = torch.ones(1)
-        for rows, w32, codes, scale_inv in iter_quantize_fp8_block(weight, cfg, act):
+        for run in iter_quantize_fp8_block(weight, cfg, act, errors=weight_check is not None):
             if weight_check is not None:
-                restored = dequantize_tiles(codes, scale_inv, cfg.block)
-                weight_check.update(w32, restored, one, overwrite=True)
-                if rows.stop == shape[0]:
+                for cols, source, error in run.pieces:
+                    weight_check.update_error(source, error, cols)
+                if run.rows.stop == shape[0]:
                     writer.add_check(key, weight_check.result())
-            writer.write(key, codes)
-            writer.write(key + SCALE_INV_SUFFIX, scale_inv)
+            writer.write(key, run.codes)
+            writer.write(key + SCALE_INV_SUFFIX, run.scale_inv)
 
     return Entry(specs, write)
 

@@ -141,6 +141,20 @@ class WeightCheck:
             if codes.dtype != torch.float32:  # as floats: torch's mixed-dtype addcmul is several times slower
                 codes = error.copy_(codes.reshape(-1))
         torch.addcmul(x.view(groups), codes.reshape(groups), scale.reshape(-1, 1), value=-1, out=error.view(groups))
+        self._add(x, error)
+
+    @torch.no_grad()
+    def update_error(self, original: Tensor, error: Tensor, columns: slice | None = None) -> None:
+        """Add a run of rows, or a rectangle of them: the fp32 ``original`` and its fp32 ``error``
+        ``original - W_q`` (made ``|error|`` on the way), both ``[rows, len(columns)]`` row-major.
+
+        Args:
+            columns: The weight's input columns the rectangle holds (their :attr:`peak_weight`); None: all.
+        """
+        self._add(original.reshape(-1), error.reshape(-1), columns)
+
+    def _add(self, x: Tensor, error: Tensor, columns: slice | None = None) -> None:
+        """Accumulate the flat source ``x`` and its error ``x - W_q`` (made ``|error|`` on the way)."""
         s = self.sums
         s["xx"] += float(torch.dot(x, x))
         s["xe"] += float(torch.dot(x, error))
@@ -155,7 +169,7 @@ class WeightCheck:
                 self.peak_src = max(self.peak_src, -float(lo), float(hi))
                 self.peak_err = self.max_abs
             else:
-                a = self.peak_weight.to(x.device, torch.float32)
+                a = (self.peak_weight if columns is None else self.peak_weight[columns]).to(x.device, torch.float32)
                 self.peak_src = max(self.peak_src, float((x.view(-1, a.numel()).abs() * a).amax()))
                 self.peak_err = max(self.peak_err, float((error.view(-1, a.numel()) * a).amax()))
 

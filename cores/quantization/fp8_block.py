@@ -111,6 +111,41 @@ def _tiles(x: Tensor, block: tuple[int, int]) -> Tensor:
     return x.view(rows, b0, cols, b1).permute(0, 2, 1, 3).reshape(rows, cols, b0 * b1)
 
 
+Rectangle = tuple[slice, slice, tuple[int, int, int, int]]
+
+
+def _rectangles(shape: tuple[int, int], block: tuple[int, int]) -> list[Rectangle]:
+    """``[rows, cols]`` as at most four rectangles of equal tiles (the whole tiles, the ragged last tile column,
+    the ragged last tile row, their corner), each ``(rows, cols, [tile rows, tile height, tile cols, tile
+    width])``: the shape its slice of a row-major tensor views as without a copy, so that a tile statistic is a
+    reduction over dims 1 and 3 and a ``[tile rows, 1, tile cols, 1]`` scale broadcasts over each tile."""
+    (b0, b1), (rows, cols) = block, shape
+    out = []
+    for r0, r1 in ((0, rows // b0 * b0), (rows // b0 * b0, rows)):
+        for c0, c1 in ((0, cols // b1 * b1), (cols // b1 * b1, cols)):
+            h, w = r1 - r0, c1 - c0
+            if h and w:
+                t0, t1 = min(b0, h), min(b1, w)
+                out.append((slice(r0, r1), slice(c0, c1), (h // t0, t0, w // t1, t1)))
+    return out
+
+
+def _grid(rect: Rectangle, block: tuple[int, int]) -> tuple[slice, slice]:
+    """The scale-grid cells of a rectangle of :func:`_rectangles`."""
+    rows, cols, (n0, _, n1, _) = rect
+    return slice(rows.start // block[0], rows.start // block[0] + n0), slice(cols.start // block[1],
+                                                                             cols.start // block[1] + n1)
+
+
+def _tile_absmax(weight: Tensor, block: tuple[int, int]) -> Tensor:
+    """fp32 ``max |w|`` of every tile, reduced in the weight's own dtype (exact for a max): no fp32 copy."""
+    out = torch.empty(scale_grid(*weight.shape, block), dtype=torch.float32, device=weight.device)
+    for rect in _rectangles(tuple(weight.shape), block):
+        v = weight[rect[0], rect[1]].reshape(rect[2])
+        out[_grid(rect, block)] = v.abs().amax((1, 3)).float()  # faster than amax and amin, no fp32 copy
+    return out
+
+
 def _element_weights(shape: tuple[int, int], act: Tensor | None, block: tuple[int, int], device) -> Tensor:
     """The weight of each element of :func:`_tiles`: 0 on padding, else ``a_j`` (1 without statistics)."""
     cols = torch.ones(shape[1], device=device) if act is None else act.to(device, torch.float32)
@@ -149,7 +184,7 @@ def tile_scales(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Ten
         ValueError: When ``act`` is given to ``max``, or does not match ``in``.
     """
     _check_args(weight, cfg, act)
-    return _tile_scales(_tiles(weight.float(), cfg.block), tuple(weight.shape), cfg, act)
+    return _scales(weight, cfg, act)
 
 
 def _check_args(weight: Tensor, cfg: Fp8BlockConfig, act: Tensor | None) -> None:
@@ -163,11 +198,14 @@ def _check_args(weight: Tensor, cfg: Fp8BlockConfig, act: Tensor | None) -> None
                          f"{weight.shape[1]} input channels")
 
 
-def _tile_scales(x: Tensor, shape: tuple[int, int], cfg: Fp8BlockConfig, act: Tensor | None) -> Tensor:
-    """:func:`tile_scales` of the tiles ``x`` (:func:`_tiles`) of a ``shape`` weight, arguments checked."""
-    absmax = torch.maximum(x.amax(-1), x.amin(-1).neg_())
+def _scales(weight: Tensor, cfg: Fp8BlockConfig, act: Tensor | None) -> Tensor:
+    """:func:`tile_scales`, arguments checked: ``max`` straight from the weight's dtype, the modes that weigh
+    every element from an fp32 copy in the tile layout (:func:`_tiles`)."""
     if cfg.mode == "max":
-        return absmax.clamp(min=1e-12) / FP8_E4M3_MAX
+        return _tile_absmax(weight, cfg.block).clamp_(min=1e-12) / FP8_E4M3_MAX
+    shape = tuple(weight.shape)
+    x = _tiles(weight.float(), cfg.block)
+    absmax = torch.maximum(x.amax(-1), x.amin(-1).neg_())
     if cfg.mode == "mse":
         wt = None if act is None else _element_weights(shape, act, cfg.block, x.device)
         return _mse_clip(x, wt, absmax, cfg).clamp(min=1e-12) / FP8_E4M3_MAX
@@ -185,7 +223,7 @@ def _mse_clip(x: Tensor, wt: Tensor | None, absmax: Tensor, cfg: Fp8BlockConfig)
 
     ``wt`` None weighs every element 1 (padding needs no weight 0: a zero round-trips to zero). Each factor
     costs a few passes over preallocated buffers: divide, clamp, cast to e4m3, the bit-arithmetic cast back
-    (:func:`_e4m3_to_float`, several times faster than torch's), and one dot product per tile.
+    (:func:`e4m3_to_float`, several times faster than torch's), and one dot product per tile.
     """
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax.clone()
@@ -197,7 +235,7 @@ def _mse_clip(x: Tensor, wt: Tensor | None, absmax: Tensor, cfg: Fp8BlockConfig)
         s = clip.clamp(min=1e-12) / FP8_E4M3_MAX
         torch.div(x, s.unsqueeze(-1), out=scaled)  # the error is taken in code units, then scaled by s^2
         codes.copy_(torch.clamp(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX, out=restored))
-        diff = _e4m3_to_float(codes, restored).sub_(scaled)
+        diff = e4m3_to_float(codes, restored).sub_(scaled)
         if root_wt is not None:
             diff.mul_(root_wt)
         err = torch.linalg.vecdot(diff, diff) * s.square()
@@ -207,30 +245,66 @@ def _mse_clip(x: Tensor, wt: Tensor | None, absmax: Tensor, cfg: Fp8BlockConfig)
     return best
 
 
-def _e4m3_to_float(codes: Tensor, out: Tensor) -> Tensor:
-    """``codes.float()`` into ``out`` for finite ``float8_e4m3fn`` codes (what a clamp to +-448 casts): the
-    bit arithmetic of :func:`cores.utils.checkpoint.fp8_e4m3_to_float`, without its NaN pass."""
+def e4m3_to_float(codes: Tensor, out: Tensor) -> Tensor:
+    """``codes.float()`` into the fp32 ``out`` for finite ``float8_e4m3fn`` codes (what a clamp to +-448 casts).
+
+    Bit arithmetic, several times faster than torch's CPU cast: the byte, sign-extended into an int32, is
+    shifted so that exponent and mantissa sit at bits 20..26 (fp32's exponent field starts at bit 23), the
+    sign copies at bits 27..30 are masked off (the sign stays at bit 31), and a multiply by ``2**120``
+    rebiases the exponent (e4m3's bias 7 to fp32's 127) and turns subnormals, read as fp32 subnormals, into
+    their exact values. A NaN code reads as +-480 here (:func:`cores.utils.checkpoint.fp8_e4m3_to_float`
+    turns those into NaN).
+    """
     bits = out.view(torch.int32)
-    bits.copy_(codes.view(torch.uint8))
-    bits <<= 24
-    bits >>= 4
+    bits.copy_(codes.view(torch.int8))  # sign-extended: the sign in bits 7..31
+    bits <<= 20  # exponent and mantissa to bits 20..26, sign copies to 27..31
     bits &= -0x78000001  # 0x87FFFFFF: the sign and the 7 bits of exponent and mantissa
     return out.mul_(2.0**120)
 
 
-def _tile_view(x: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
-    """``x`` as ``[R, b0, C, b1]`` and ``scale_inv`` as ``[R, 1, C, 1]`` (a broadcast, nothing copied) when
-    ``x`` is whole tiles; None for a ragged edge."""
-    b0, b1 = block
-    rows, cols = x.shape
-    if rows % b0 or cols % b1 or not x.is_contiguous():
-        return None
-    return x.view(rows // b0, b0, cols // b1, b1), scale_inv.float().view(rows // b0, 1, cols // b1, 1)
+@dataclass(frozen=True)
+class Fp8Run:
+    """One run of tile rows of :func:`iter_quantize_fp8_block`.
+
+    Attributes:
+        rows: The weight's rows it covers.
+        codes: ``float8_e4m3fn [rows, in]``.
+        scale_inv: fp32 ``[tile rows, tile cols]``.
+        pieces: With ``errors``: per rectangle of equal tiles, ``(cols, source, error)``, both fp32 ``[rows,
+            cols]`` row-major: the source as read, and ``source - codes * scale_inv``; else empty.
+    """
+
+    rows: slice
+    codes: Tensor
+    scale_inv: Tensor
+    pieces: tuple[tuple[slice, Tensor, Tensor], ...] = ()
 
 
-def _full_scales(scale_inv: Tensor, shape: torch.Size, block: tuple[int, int]) -> Tensor:
-    b0, b1 = block
-    return scale_inv.float().repeat_interleave(b0, 0)[:shape[0]].repeat_interleave(b1, 1)[:, :shape[1]]
+def _encode(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], clip: bool, errors: bool
+            ) -> tuple[Tensor, list[tuple[slice, Tensor, Tensor]]]:
+    """``float8_e4m3fn(clamp(w / scale_inv[tile], +-448))`` in the weight's row layout, a rectangle of equal tiles
+    at a time (each scale broadcast over its tile, nothing padded or permuted); with ``errors`` also each
+    rectangle's fp32 source and its error ``source - codes * scale_inv`` (see :class:`Fp8Run`).
+
+    ``clip`` False skips the clamp: with absmax scales ``|w / s|`` exceeds 448 by an fp32 rounding at most,
+    which the cast rounds to 448 as the clamp would.
+    """
+    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    pieces = []
+    for rect in _rectangles(tuple(weight.shape), block):
+        rows, cols, shape = rect
+        s = scale_inv[_grid(rect, block)].float().view(shape[0], 1, shape[2], 1)
+        source = weight[rows, cols].reshape(shape).float()  # then divide: bf16 / fp32 is many times slower on CPU
+        q = source / s if errors or weight.dtype == torch.float32 else source.div_(s)  # (fp32: source is weight)
+        if clip:
+            q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        out = codes[rows, cols].view(shape)
+        out.copy_(q)
+        if errors:
+            h, w = rows.stop - rows.start, cols.stop - cols.start
+            error = torch.addcmul(source, e4m3_to_float(out, q), s, value=-1, out=q)  # w - codes * s
+            pieces.append((cols, source.reshape(h, w), error.view(h, w)))
+    return codes, pieces
 
 
 @torch.no_grad()
@@ -238,17 +312,12 @@ def quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), a
                        ) -> tuple[Tensor, Tensor]:
     """``(float8_e4m3fn codes [out, in], fp32 scale_inv [ceil(out/b0), ceil(in/b1)])`` of ``weight``.
 
-    Each value is cast as ``float8_e4m3fn(clamp(w / scale_inv[tile], +-448))`` (values past a clip saturate), in
-    the tile layout the scales were chosen in (no full-size scale tensor), then laid back out as rows: a
-    one-byte copy.
+    Each value is cast as ``float8_e4m3fn(clamp(w / scale_inv[tile], +-448))`` (values past a clip saturate),
+    each tile's scale broadcast over it in the weight's own layout (:func:`_encode`).
     """
     _check_args(weight, cfg, act)
-    x = _tiles(weight.float(), cfg.block)
-    scale_inv = _tile_scales(x, tuple(weight.shape), cfg, act)
-    codes = (x / scale_inv.unsqueeze(-1)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    (b0, b1), (rows, cols) = cfg.block, scale_inv.shape
-    codes = codes.view(rows, cols, b0, b1).permute(0, 2, 1, 3).reshape(rows * b0, cols * b1)
-    return codes[:weight.shape[0], :weight.shape[1]].contiguous(), scale_inv
+    scale_inv = _scales(weight, cfg, act)
+    return _encode(weight, scale_inv, cfg.block, cfg.mode != "max", False)[0], scale_inv
 
 
 def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int = 1 << 22) -> int:
@@ -256,37 +325,45 @@ def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int
     return max(1, elements // (block[0] * max(in_dim, 1))) * block[0]
 
 
+@torch.no_grad()
 def iter_quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Tensor | None = None,
-                            elements: int = 1 << 22) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
-    """:func:`quantize_fp8_block` a run of tile rows at a time: ``(rows, those rows in fp32, their codes, their
-    scale rows)``.
+                            elements: int = 1 << 22, errors: bool = False) -> Iterator[Fp8Run]:
+    """:func:`quantize_fp8_block` a run of tile rows at a time (:class:`Fp8Run`).
 
-    Tiles are independent, so the result is that of the whole weight; only a run is in fp32 at a time (cast
-    once, for the scales, the codes and the caller's check).
+    Tiles are independent, so the result is that of the whole weight; only a run's buffers exist at a time.
+    ``errors`` adds each run's source and error in fp32, for a check (:class:`Fp8Run`), formed while the
+    run is in cache.
     """
+    _check_args(weight, cfg, act)
     step = tile_row_step(weight.shape[1], cfg.block, elements)
     for start in range(0, weight.shape[0], step):
         rows = slice(start, min(start + step, weight.shape[0]))
-        w32 = weight[rows].float()
-        codes, scale_inv = quantize_fp8_block(w32, cfg, act)
-        yield rows, w32, codes, scale_inv
+        scale_inv = _scales(weight[rows], cfg, act)
+        codes, pieces = _encode(weight[rows], scale_inv, cfg.block, cfg.mode != "max", errors)
+        yield Fp8Run(rows, codes, scale_inv, tuple(pieces))
+
+
+def scale_tiles_(values: Tensor, scale_inv: Tensor, block: tuple[int, int] = FP8_BLOCK) -> Tensor:
+    """``values *= scale_inv`` broadcast over each tile, in place (``[rows, in]`` fp32, a run starting on a tile
+    row; ``scale_inv`` its tile rows)."""
+    for rect in _rectangles(tuple(values.shape), block):
+        shape = rect[2]
+        values[rect[0], rect[1]].view(shape).mul_(scale_inv[_grid(rect, block)].float().view(shape[0], 1,
+                                                                                             shape[2], 1))
+    return values
 
 
 def dequantize_tiles(codes: Tensor, scale_inv: Tensor, block: tuple[int, int] = FP8_BLOCK) -> Tensor:
     """fp32 ``codes * scale_inv`` broadcast over each tile (``[rows, in]``, a run starting on a tile row).
 
-    ``float8_e4m3fn`` codes are widened by :func:`_e4m3_to_float` (finite codes, several times faster than
+    ``float8_e4m3fn`` codes are widened by :func:`e4m3_to_float` (finite codes, several times faster than
     torch's cast; a NaN code, which no quantizer here writes, would read as a finite value).
     """
     if codes.dtype == torch.float8_e4m3fn:
-        values = _e4m3_to_float(codes, torch.empty(codes.shape, dtype=torch.float32, device=codes.device))
+        values = e4m3_to_float(codes, torch.empty(codes.shape, dtype=torch.float32, device=codes.device))
     else:
         values = codes.float()
-    tiles = _tile_view(values, scale_inv, block)
-    if tiles is None:
-        return values.mul_(_full_scales(scale_inv, values.shape, block))
-    tiles[0].mul_(tiles[1])
-    return values
+    return scale_tiles_(values, scale_inv, block)
 
 
 def weighted_error(weight: Tensor, restored: Tensor, act: Tensor | None = None) -> float:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..quantization.fp8_block import e4m3_to_float, scale_tiles_
 from ..quantization.primitives import FP8_E4M3_MAX, Workspace
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -82,21 +83,9 @@ def _check_fp8_scale(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple
 
 
 def fp8_e4m3_to_float(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``values.float()`` for ``float8_e4m3fn`` (as torch casts it, NaN included) into the fp32 ``out``.
-
-    Bit arithmetic, several times faster than torch's CPU cast: the byte goes to
-    the top of an int32 (sign to bit 31), an arithmetic shift by 4 puts exponent
-    and mantissa at bits 20..26 (fp32's exponent field starts at bit 23), the
-    smeared sign copies are masked off, and a multiply by ``2**120`` rebiases the
-    exponent (e4m3's bias 7 to fp32's 127) and turns subnormals, read as fp32
-    subnormals, into their exact values.
-    """
-    bits = out.view(torch.int32)
-    bits.copy_(values.view(torch.uint8))
-    bits <<= 24
-    bits >>= 4
-    bits &= -0x78000001  # 0x87FFFFFF: the sign and the 7 bits of exponent and mantissa
-    out *= 2.0**120
+    """``values.float()`` for ``float8_e4m3fn`` (as torch casts it, NaN included) into the fp32 ``out``:
+    :func:`~cores.quantization.fp8_block.e4m3_to_float`, then the NaN codes, which it reads as +-480, made NaN."""
+    e4m3_to_float(values, out)
     lo, hi = torch.aminmax(out) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
     if lo < -FP8_E4M3_MAX or hi > FP8_E4M3_MAX:  # only the NaN codes (S.1111.111) read past 448, as 480
         out[out.abs() > FP8_E4M3_MAX] = float("nan")
@@ -112,28 +101,23 @@ def iter_dequantize_fp8(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """:func:`dequantize_fp8_blockwise` a few tile rows at a time.
 
-    Each tile row's scales are broadcast along its ``b0`` rows (no full-size scale
-    matrix); the buffers (from ``workspace``, fresh when None) are reused from chunk to chunk.
+    Each tile's scale is broadcast over it (:func:`~cores.quantization.fp8_block.scale_tiles_`, no
+    full-size scale matrix); the buffers (from ``workspace``, fresh when None) are reused from chunk to chunk.
 
     Yields:
         ``(rows, bf16 values of those rows)``; the tensor is overwritten by the next chunk.
     """
     _check_fp8_scale(weight, scale_inv, block)
     out_dim, in_dim = weight.shape
-    b0, b1 = block
-    columns = scale_inv.float().repeat_interleave(b1, dim=1)[:, :in_dim]  # [tile rows, in]
+    b0 = block[0]
     step = max(1, chunk_elements // (b0 * max(in_dim, 1))) * b0
     workspace = Workspace() if workspace is None else workspace
     x32 = workspace.get("fp8_values", (min(step, out_dim), in_dim), device=weight.device)
     out = workspace.get("fp8_bf16", x32.shape, torch.bfloat16, weight.device)
     for start in range(0, out_dim, step):
         n = min(step, out_dim - start)
-        x = fp8_e4m3_to_float(weight[start:start + n], x32[:n])
-        whole = n // b0 * b0
-        tiles = columns[start // b0: (start + n + b0 - 1) // b0]
-        x[:whole].view(-1, b0, in_dim).mul_(tiles[:whole // b0].unsqueeze(1))
-        if whole < n:
-            x[whole:].mul_(tiles[-1])
+        x = scale_tiles_(fp8_e4m3_to_float(weight[start:start + n], x32[:n]),
+                         scale_inv[start // b0: (start + n + b0 - 1) // b0], block)
         yield slice(start, start + n), out[:n].copy_(x)
 
 

@@ -164,11 +164,15 @@ def test_iter_quantize_equals_whole_weight_quantize(mode, act):
     a = loud_channels(200) if act else None
     cfg = Fp8BlockConfig(mode=mode, grid=6)
     codes, scale_inv = quantize_fp8_block(w, cfg, a)
-    runs = list(iter_quantize_fp8_block(w, cfg, a, elements=128 * 200))  # one tile row a run: 5 runs, ragged last
-    assert len(runs) == 5 and runs[-1][0] == slice(512, 600)
-    assert torch.equal(torch.cat([c for _, _, c, _ in runs]).view(torch.uint8), codes.view(torch.uint8))
-    assert torch.equal(torch.cat([s for _, _, _, s in runs]), scale_inv)
-    assert torch.equal(torch.cat([w32 for _, w32, _, _ in runs]), w.float())
+    runs = list(iter_quantize_fp8_block(w, cfg, a, elements=128 * 200, errors=True))  # one tile row a run: 5
+    assert len(runs) == 5 and runs[-1].rows == slice(512, 600)  # runs, ragged last
+    assert torch.equal(torch.cat([r.codes for r in runs]).view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(torch.cat([r.scale_inv for r in runs]), scale_inv)
+    # errors: per run, the whole tiles' columns and the ragged last tile column, source and error in fp32
+    assert all([p[0] for p in r.pieces] == [slice(0, 128), slice(128, 200)] for r in runs)
+    assert torch.equal(torch.cat([torch.cat([p[1] for p in r.pieces], 1) for r in runs]), w.float())
+    error = torch.cat([torch.cat([p[2] for p in r.pieces], 1) for r in runs])
+    torch.testing.assert_close(error, w.float() - dequantize_tiles(codes, scale_inv), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (300, 200)])  # whole tiles (the broadcast view), a ragged edge
