@@ -34,17 +34,11 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_LWC_LR = {4: 1e-2, 8: 2e-3}
-"""Weight-clip learning rate by weight bits. Measured on SmolLM2 (8 x 256 calibration tokens,
-4 epochs, 6-12 blocks): at W8 a rate of 1e-2 overshoots (the block loss rises above RTN in
-the first epochs of some blocks) while 2e-3 improved 12 of 12 blocks; at W4 1e-2 cut the
-block loss by 13-37 % where 2e-3 cut it by 5-14 %."""
+"""Weight-clip learning rate by weight bits (why: ``docs/defaults.md``)."""
 
 
 DEFAULT_LAC_LR = {"static": 1e-2, "dynamic": 2e-3}
-"""Activation / KV clip learning rate by activation mode. Static activations need large clips
-(massive outliers); with dynamic activations only the KV-cache clips learn, and at 1e-2 they
-overshot: w8a8c8 dynamic on SmolLM2 (8 x 256 tokens, 4 epochs) beat RTN in 26/30 blocks at 1e-2,
-where 2e-3 for every clip beat it in 12 of 12 sampled blocks."""
+"""Activation / KV clip learning rate by activation mode (why: ``docs/defaults.md``)."""
 
 
 DEFAULT_ROUND_LR = 5e-3
@@ -52,12 +46,8 @@ DEFAULT_ROUND_LR = 5e-3
 ``1 / steps`` instead (:class:`~.fit.FitOptions`)."""
 
 DEFAULT_ROUND_OPTIMIZER = {4: "sign", 8: "adam"}
-"""Rounding-offset update by weight bits. SmolLM2 W4A8 g64 dynamic, ``--sequential``, 16 x 512
-calibration tokens, 2 epochs, 32 x 512 eval tokens (``bench/bench_quality.py --n_samples 16 --schemes
-w4a8c16 --acts dynamic --variants sequential``): Adam at 5e-3 +9.43 % ppl; signed steps at 5e-3
-+7.79 %, 1e-2 +7.20 %, 1 / steps (1 / 32) +5.83 %, with the block losses in the same order. Signed
-steps also keep no optimizer state (8 bytes per weight less). W8 keeps Adam, the update its measured
-numbers (README) were trained with."""
+"""Rounding-offset update by weight bits: signed steps keep no optimizer state and learned better at W4;
+W8 keeps the Adam its measured numbers were trained with (why: ``docs/defaults.md``)."""
 
 DEFAULT_SMOOTH_LR = 5e-3
 """Adam learning rate of the log smoothing scales."""

@@ -33,9 +33,7 @@ module name matches no pattern below; everything else stays as stored.
 | fused siblings off the tile grid      | ``q/k/v_proj``, ``gate/up_proj``, ``q_a_proj/kv_a_proj_with_mqa`` where a member before the last has an out dim not a multiple of 128 | all (SmolLM2: q 576 rows) |
 
 The last row is for serving: vLLM loads each such group as one merged weight (``qkv_proj`` ...)
-whose 128-row tile scales would straddle the members (measured on SmolLM2-135M, vLLM 0.32 CPU:
-ppl 73.6 with q/k/v in FP8, 55.1 with them in bf16, ours 55.1; every dim of the released FP8
-checkpoints is a multiple of 128, so none of theirs stays bf16 by this rule).
+whose 128-row tile scales would straddle the members (the vLLM measurement: ``docs/defaults.md``).
 
 The MTP layer passes through whole (its linears listed by full name), as the
 quantized deploys do.

@@ -24,18 +24,12 @@ in WARN, which :func:`fp8_recommendations` turns into advice. A broken export (w
 or layout) lands near 0.
 
 An FP8 weight also gets a band on its *peak error*, the largest absolute error over the
-tensor's absmax (:data:`FP8_PEAK_BANDS`). A cosine cannot see a clipped outlier: a
-few values out of millions barely move it, yet the few largest weights of a tensor can be what
-the model needs most. An unclipped e4m3 cast errs by at most 1/16 of a tile's absmax (half a
-step of the top binade), ``mse`` clips only where the error falls (at most 0.08 on SmolLM2-135M), while
-``rms`` k=6 and ``percentile`` 99.99 cut the largest weights of most SmolLM2 tensors by half or more.
-There the loss is the model: its ``down_proj`` row 507 writes the massive-activation channel of the
-residual stream, and clipping that row of layer 11 alone takes ppl from 54.8 to 13124 (4 x 512
-eval tokens) while the tensor's cosine stays above 0.99. When activation statistics chose the
-scales, both maxima weight each column by its input channel's rms, so a large weight on a quiet
-channel may lose what the statistics say it can: on SmolLM2 (64 x 512 calibration tokens) the
-weighted peak error is at most 0.05 for ``mse``, 0.36 for ``percentile`` 99.99 (WARN; ppl +2.1 %)
-and 0.78 for ``rms`` k=6 (29 FAIL of 120; ppl +163 %).
+tensor's absmax (:data:`FP8_PEAK_BANDS`): a cosine cannot see a clipped outlier, yet the few
+largest weights of a tensor can be what the model needs most (SmolLM2's ``down_proj`` rows that
+write its massive-activation channel: ``docs/defaults.md``). An unclipped e4m3 cast errs by at most
+1/16 of a tile's absmax. When activation statistics chose the scales, both maxima weight each
+column by its input channel's rms, so a large weight on a quiet channel may lose what the
+statistics say it can.
 
 Any non-finite value is a FAIL. A bf16 weight (an FP8 source dequantized by
 ``bfloat16``) is the loader's own dequantization of the source, so only its
