@@ -508,7 +508,7 @@ VOLATILE = {"block_": ("seconds",), "deploy_report.json": ("seconds",)}
 EVENTS = {
     "extract": "os:replace,os:fsync,cores.models.streaming:HiddenStore.read",
     "main": "os:replace,os:fsync,cores.calibrator.fit:Batches.get",
-    "deploy": "os:replace,os:fsync,cores.deploy.writer:_pwrite_all",
+    "deploy": "os:replace,os:fsync,cores.utils.safetensors_stream:_pwrite_all",
 }
 """What the kill points are drawn from: renames, fsyncs (a file complete under its temporary name), and the
 stage's unit of work (a batch of rows read while a boundary streams out; a batch of a training step; a

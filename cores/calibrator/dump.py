@@ -3,7 +3,8 @@
 ``hidden_{i:03d}.safetensors`` holds the bf16 states entering block ``i``
 (``[n_samples, seq_len, hidden]``, key ``hidden``); the last file is the input to
 the final norm. Files are streamed to disk batch by batch under a temporary name
-and renamed when complete, and read back in row slices, so neither side ever
+(by :mod:`cores.utils.safetensors_stream`, the writer of deploy's shards too) and
+renamed when complete, and read back in row slices, so neither side ever
 holds a whole boundary in memory.
 
 ``manifest.json`` holds the :class:`DumpManifest` and, under ``files``, the size
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import struct
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 from safetensors import safe_open
 
 from ..models.streaming import HiddenStore
-from ..utils.io import atomic_file, atomic_write_text, file_change, file_record, load_json
+from ..utils.io import atomic_write_text, file_change, file_record, load_json
+from ..utils.safetensors_stream import StreamedFile, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ MANIFEST = "manifest.json"
 FILES = "files"
 """Key of the file records in the manifest."""
 TOKENS = "tokens.safetensors"
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 
 
 class DumpError(RuntimeError):
@@ -150,25 +149,16 @@ def write_tensor_streaming(path: Path, store: HiddenStore, batch_rows: int, key:
                            metadata: dict[str, str] | None = None, files: DumpFiles | None = None) -> None:
     """Write ``store`` as a one-tensor safetensors file without materialising it.
 
-    The header is written first, then the rows batch by batch; the file appears
-    under its final name only when complete (and recorded in ``files``, when given).
+    A :class:`cores.utils.safetensors_stream.StreamedFile` (``metadata`` after the
+    tensor in its header): the header is written first, then the rows batch by
+    batch; the file is flushed to disk and appears under its final name only when
+    complete (and recorded in ``files``, when given, before that).
     """
-    nbytes = store.shape[0] * store.row_bytes
-    header = {key: {"dtype": _ST_DTYPES[store.dtype], "shape": list(store.shape), "data_offsets": [0, nbytes]}}
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for lo in range(0, len(store), batch_rows):
-                f.write(store.read(lo, lo + batch_rows).contiguous().view(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        if files is not None:
-            files.record(path.name, tmp)
+    with StreamedFile(path, [TensorSpec(key, store.dtype, tuple(store.shape))], metadata,
+                      metadata_last=True) as out:
+        for lo in range(0, len(store), batch_rows):
+            out.write(key, store.read(lo, lo + batch_rows))
+        out.close(sync=True, before_rename=None if files is None else lambda tmp: files.record(path.name, tmp))
 
 
 class HiddenDump:

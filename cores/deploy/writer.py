@@ -4,7 +4,9 @@ The layout is planned before anything is written: every output tensor's name,
 dtype and shape (:class:`TensorSpec`), cut into shards. A shard is then a
 safetensors file whose header goes first and whose tensors are streamed into
 their places piece by piece (a run of rows at a time) as they are produced, so
-no output tensor is ever held whole.
+no output tensor is ever held whole: a :class:`ShardFile`, the
+:class:`cores.utils.safetensors_stream.StreamedFile` that the calibration dump
+writes its files with too.
 
 Everything goes to ``<out>.partial``; each shard is written under a temporary
 name and renamed when complete, then recorded in ``deploy_progress.json``
@@ -23,22 +25,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
 import shutil
-import struct
-import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..formats.compressed_tensors import DEPLOY_REPORT as REPORT_NAME
-from ..utils.checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, read_safetensors_header
+from ..utils import safetensors_stream
+from ..utils.checkpoint import INDEX_NAME
 from ..utils.io import (atomic_write_text, changed_files, file_change, file_record, is_temp, load_json,
-                        remove_stale_temps, temp_path)
+                        remove_stale_temps)
+from ..utils.safetensors_stream import WRITE_PIECE_BYTES, TensorSpec  # noqa: F401 (re-exported)
 from .verify import TensorCheck
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ PROGRESS_NAME = "deploy_progress.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class DeployError(RuntimeError):
@@ -64,26 +63,6 @@ def parse_size(text: str | int) -> int:
     if not match or float(match.group(1)) <= 0:
         raise DeployError(f"--max_shard_size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, dtype and shape of one output tensor."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, name: str, tensor: Tensor) -> TensorSpec:
-        return cls(name, tensor.dtype, tuple(tensor.shape))
 
 
 def cut_into_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -104,125 +83,18 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-WRITE_PIECE_BYTES = 2 << 20
-"""Size of the buffers that :class:`PieceWriter` copies pieces into and writes from."""
+class PieceWriter(safetensors_stream.PieceWriter):
+    """:class:`cores.utils.safetensors_stream.PieceWriter` of a deploy: a failed write is a :class:`DeployError`."""
 
-WRITE_BUFFERS = 4
-"""Buffers of a background :class:`PieceWriter`: the bytes in flight at most (8 MiB)."""
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    """Write all of ``data`` (a bytes-like object) at ``offset`` of ``fd``."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    error, what = DeployError, "a shard"
 
 
-class PieceWriter:
-    """Writes the bytes of tensors at file offsets through reused buffers, in the caller or on a thread.
+class ShardFile(safetensors_stream.StreamedFile):
+    """One shard: a :class:`cores.utils.safetensors_stream.StreamedFile` with ``{"format": "pt"}`` metadata, whose
+    pieces that do not fit the plan, incomplete tensors and failed read-back are :class:`DeployError`.
 
-    Bytes are copied into a buffer of at most :data:`WRITE_PIECE_BYTES` and
-    written from there: a tensor that is a view of a memory-mapped source shard is
-    faulted in by that plain copy, while handing the mapping to ``write()`` makes
-    the kernel fault it in page by page, about twice as slow.
-
-    In the background, :meth:`write` copies into one of :data:`WRITE_BUFFERS`
-    buffers (waiting for a free one, which bounds the bytes in flight) and the
-    writes run on a thread of their own, in order, with the functions given to
-    :meth:`submit` (closing a shard once its writes are done): torch copies and
-    ``os.pwrite`` release the GIL, so the file writes overlap the caller's
-    compute. The caller may overwrite its tensor as soon as :meth:`write`
-    returns. After a failure the thread skips every later job and the next
-    :meth:`write`, :meth:`submit` or :meth:`flush` raises.
-
-    Args:
-        background: Run the jobs on a thread of its own (then :meth:`close` it) instead of in the caller.
-    """
-
-    def __init__(self, background: bool = False):
-        self._free: queue.SimpleQueue[Tensor] = queue.SimpleQueue()
-        for _ in range(WRITE_BUFFERS if background else 1):
-            self._free.put(torch.empty(WRITE_PIECE_BYTES, dtype=torch.uint8))
-        self._jobs: queue.Queue[tuple[Callable[[], None], Tensor | None] | None] | None = None
-        self._error: Exception | None = None
-        if background:
-            self._jobs = queue.Queue()
-            self._thread = threading.Thread(target=self._run, name="deploy-writer", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            run, buffer = job
-            try:
-                if self._error is None:
-                    run()
-            except Exception as err:  # raised in the caller by its next call
-                self._error = err
-            finally:
-                if buffer is not None:
-                    self._free.put(buffer)
-                self._jobs.task_done()
-        self._jobs.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise DeployError(f"writing a shard failed: {self._error}") from self._error
-
-    def write(self, fd: int, offset: int, tensor: Tensor) -> None:
-        """Write the raw bytes of ``tensor`` (native byte order) at ``offset`` of ``fd``.
-
-        Raises:
-            DeployError: When an earlier job failed.
-        """
-        self._raise()
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        for start in range(0, data.numel(), WRITE_PIECE_BYTES):
-            buffer = self._free.get()
-            piece = buffer[:min(WRITE_PIECE_BYTES, data.numel() - start)].copy_(data[start:start + WRITE_PIECE_BYTES])
-            if self._jobs is None:
-                try:
-                    _pwrite_all(fd, piece.numpy(), offset + start)
-                finally:
-                    self._free.put(buffer)
-            else:
-                self._jobs.put((lambda piece=piece, at=offset + start: _pwrite_all(fd, piece.numpy(), at), buffer))
-
-    def submit(self, run: Callable[[], None]) -> None:
-        """Run ``run()`` once every write before it is done: on the thread, or at once.
-
-        Raises:
-            DeployError: When an earlier job failed (or, at once, whatever ``run`` raises).
-        """
-        self._raise()
-        if self._jobs is None:
-            run()
-        else:
-            self._jobs.put((run, None))
-
-    def flush(self) -> None:
-        """Wait until every job so far is done.
-
-        Raises:
-            DeployError: When one of them failed.
-        """
-        if self._jobs is not None:
-            self._jobs.join()
-        self._raise()
-
-    def close(self) -> None:
-        """Run the pending jobs and stop the thread (a failure is left to :meth:`flush`)."""
-        if self._jobs is not None and self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
-
-
-class ShardFile:
-    """One safetensors file whose tensors arrive piece by piece.
-
-    The header is written first; the data of each tensor is placed at its offset
-    as its pieces (consecutive runs of its rows) arrive. Tensors are laid out by
-    decreasing element size, so every one starts at a multiple of its element size.
+    Tensors are laid out by decreasing element size (plan order within a size), so
+    every one starts at a multiple of its element size.
 
     Args:
         path: The final file name; data goes to a hidden temporary name until :meth:`close`.
@@ -231,70 +103,10 @@ class ShardFile:
             deploy); None: they are written in :meth:`write`.
     """
 
+    error = DeployError
+
     def __init__(self, path: Path, specs: list[TensorSpec], writer: PieceWriter | None = None):
-        self.path, self.specs = path, {s.name: s for s in specs}
-        self.tmp = temp_path(path)
-        self.writer = PieceWriter() if writer is None else writer
-        header: dict = {"__metadata__": {"format": "pt"}}
-        self.offsets: dict[str, int] = {}
-        offset = 0
-        for spec in sorted(specs, key=lambda s: -s.dtype.itemsize):  # stable: plan order within a size
-            header[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}
-            self.offsets[spec.name] = offset
-            offset += spec.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.header, self.data_start, self.size = header, 8 + len(raw), 8 + len(raw) + offset
-        self.written = dict.fromkeys(self.specs, 0)
-        self.unfinished = {s.name for s in specs if s.nbytes}
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-
-    def write(self, name: str, piece: Tensor) -> bool:
-        """Append ``piece`` to tensor ``name``; returns whether the tensor is complete.
-
-        Raises:
-            DeployError: When the piece's dtype differs from the plan or overruns the
-                tensor, or an earlier write failed.
-        """
-        spec, done = self.specs[name], self.written[name]
-        nbytes = piece.numel() * piece.element_size()
-        if piece.dtype != spec.dtype or done + nbytes > spec.nbytes:
-            raise DeployError(f"{name}: got {nbytes} bytes of {piece.dtype} after {done}, but the plan has "
-                              f"{spec.nbytes} bytes of {spec.dtype} {list(spec.shape)}")
-        self.writer.write(self.fd, self.data_start + self.offsets[name] + done, piece)
-        self.written[name] = done + nbytes
-        if self.written[name] == spec.nbytes:
-            self.unfinished.discard(name)
-            return True
-        return False
-
-    @property
-    def complete(self) -> bool:
-        return not self.unfinished
-
-    def abandon(self) -> None:
-        """Close and delete the unfinished file (no write of it may be in flight): a rerun writes it whole."""
-        os.close(self.fd)
-        self.tmp.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Check that every tensor arrived whole and the file reads back as planned, then rename it.
-
-        Call it once its writes are done: at once when its writer writes in the caller,
-        else through :meth:`PieceWriter.submit` (jobs run in order).
-
-        Raises:
-            DeployError: When a tensor is incomplete or the file does not read back.
-        """
-        os.close(self.fd)
-        missing = [n for n, s in self.specs.items() if self.written[n] != s.nbytes]
-        if missing:
-            raise DeployError(f"{self.path.name}: tensors {missing[:4]} were not written whole")
-        if self.tmp.stat().st_size != self.size or read_safetensors_header(self.tmp) != self.header:
-            raise DeployError(f"{self.tmp} does not read back as written")
-        self.tmp.replace(self.path)
+        super().__init__(path, specs, {"format": "pt"}, PieceWriter() if writer is None else writer)
 
 
 class StagedOutput:
