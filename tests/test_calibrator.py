@@ -129,6 +129,52 @@ def test_sign_step_moves_each_offset_by_the_rate_and_clamps():
     assert torch.equal(p.data, torch.tensor([-0.02, 0.02, 0.5, -0.5, 0.2]))
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_updates_in_the_backward_equal_steps_after_it_bit_for_bit(signed):
+    """The loop's steps in the backward (gradients freed at once) against ``zero_(); backward(); step()``
+    with kept gradients: the same bits, an idle tensor's zero-gradient AdamW steps and -0 gradients included."""
+    from cores.calibrator.fit import UpdateInBackward, sign_step
+
+    def run(in_backward: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5, 3, generator=gen) * 0.1) for _ in range(3)]
+        rounding = ps[:2]  # two "experts", the second idle in some steps
+        opt = torch.optim.AdamW([{"params": [] if signed else rounding, "lr": 5e-3}, {"params": ps[2:], "lr": 1e-2}],
+                                weight_decay=0.0, foreach=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 6)
+        updates = UpdateInBackward(ps, rounding if signed else [], opt) if in_backward else None
+        for step in range(6):
+            x = torch.randn(4, 5, generator=gen)
+            y = (x @ ps[0]).relu() * ps[2][0]  # relu: some -0 and exact-zero gradients
+            if step % 3 != 1:  # the second expert sits out steps 1 and 4
+                y = y + (x @ ps[1]).clamp(min=0) * -1.0
+            loss = y.pow(2).mean()
+            if in_backward:
+                updates.sign_lr = 0.05 * (1.0 - step / 6)
+                loss.backward()
+                updates.finish_step()
+            else:
+                for p in ps:
+                    if p.grad is not None:
+                        p.grad.zero_()
+                loss.backward()
+                if signed:
+                    sign_step(rounding, 0.05 * (1.0 - step / 6))
+                opt.step()
+            sched.step()
+        if in_backward:
+            updates.remove()
+            assert all(p.grad is None for p in ps)
+        state = [t for p in ps for t in opt.state[p].values()]
+        return [p.detach().clone() for p in ps] + state
+
+    reference, in_backward = run(False), run(True)
+    assert len(reference) == len(in_backward)
+    assert all(torch.equal(a.view(torch.int32) if a.is_floating_point() and a.element_size() == 4 else a,
+                           b.view(torch.int32) if b.is_floating_point() and b.element_size() == 4 else b)
+               for a, b in zip(reference, in_backward))
+
+
 def test_signed_rounding_learns_at_one_over_steps_and_refuses_unknown_updates(tiny, tmp_path):
     model, _, dump = tiny
     cfg = TrainConfig(model=str(model), data_dir=str(dump), output_dir=str(tmp_path / "s"), scheme="w4a8c16",

@@ -187,6 +187,68 @@ def sign_step(offsets: list[nn.Parameter], lr: float) -> None:
             p.sub_(p.grad.sign_(), alpha=lr).clamp_(-0.5, 0.5)
 
 
+class UpdateInBackward:
+    """Each learned tensor takes its update inside the backward, as soon as its gradient is complete, and
+    that gradient is freed at once: a block's gradients never exist together (4 bytes per weight less for
+    the rounding offsets), with the values of a step after the whole backward.
+
+    Exactly what the loop ``zero the gradients; backward; signed step; opt.step()`` computes, with gradients
+    kept between steps (zeroed, not freed):
+
+    - a tensor's update reads only its own gradient and state (AdamW without ``foreach``, signed steps),
+      and every use of the tensor in the forward (checkpoint recomputations included) is behind it in the
+      backward before its gradient is complete, so it can move at once;
+    - a gradient that reaches a zeroed buffer is ``0 + g``: a tensor that had a gradient before gets ``g + 0``
+      (the same bits: a ``-0`` becomes ``+0``, as there);
+    - a tensor that had a gradient before and is not reached in a step (an idle expert's) took an AdamW step
+      on its zeroed gradient: :meth:`finish_step` gives it that step (a signed step of 0 changes nothing).
+
+    Args:
+        params: the learned tensors.
+        signed: those of them that take signed steps (:func:`sign_step`) at :attr:`sign_lr`.
+        opt: the AdamW of the others (None: none); its ``step()`` updates exactly the tensors that hold a
+            gradient, here the one in the hook.
+    """
+
+    def __init__(self, params: list[nn.Parameter], signed: list[nn.Parameter], opt: torch.optim.Optimizer | None):
+        self.params, self.opt = params, opt
+        self.signed = {id(p) for p in signed}
+        self.sign_lr = 0.0
+        self.seen: set[int] = set()  # had a gradient in an earlier step: the loop kept a zeroed buffer
+        self.reached: set[int] = set()  # got a gradient in this step
+        self.handles = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+
+    @torch.no_grad()
+    def _update(self, p: nn.Parameter) -> None:
+        if id(p) in self.seen:
+            p.grad.add_(0.0)
+        if id(p) in self.signed:
+            sign_step([p], self.sign_lr)
+        else:
+            self.opt.step()
+        p.grad = None
+        self.seen.add(id(p))
+        self.reached.add(id(p))
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """After the backward: the AdamW step of every tensor not reached this time on its zeroed gradient."""
+        zeros: dict[tuple, Tensor] = {}  # the update only reads the gradient: one zero tensor per shape
+        skip = self.reached | self.signed
+        idle = [p for p in self.params if id(p) in self.seen and id(p) not in skip]
+        for p in idle:
+            p.grad = zeros.setdefault((p.shape, p.dtype, p.device), torch.zeros_like(p))
+        if self.opt is not None:
+            self.opt.step()
+        for p in idle:
+            p.grad = None
+        self.reached.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
         label: str) -> tuple[dict[str, Tensor], dict]:
     """Calibrate, search the start (:func:`search_init`), then learn clips, rounding and smoothing; keep the best.
@@ -220,6 +282,7 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
     params = learnable_parameters(module)
     if opts.epochs == 0 or not params:
         return rtn_state, record
+    rtn_state = _shared_zeros(rtn_state)
 
     named = dict(module.named_parameters())
     rounding = {id(p) for name, p in named.items() if name.endswith(".round_offset")}
@@ -244,33 +307,47 @@ def fit(module: nn.Module, batch_loss: BatchLoss, n: int, opts: FitOptions,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if opt else None
     gen = torch.Generator().manual_seed(opts.seed)
     best_state, step = rtn_state, 0
-    for epoch in tqdm(range(1, opts.epochs + 1), desc=f"{label}: train", leave=False, unit="epoch"):
-        set_quant_state(module, QuantState.FAKE_QUANT)
-        order, total, weight = torch.randperm(n, generator=gen), 0.0, 0.0
-        for lo in range(0, n, opts.batch):
-            loss, w = batch_loss(order[lo:lo + opts.batch].sort().values)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{label}: loss is {float(loss)} in epoch {epoch}; lower --lr")
-            for p in params:  # zeroed, not freed: reused buffers keep glibc's heap from fragmenting
-                if p.grad is not None:
-                    p.grad.zero_()
-            (loss * loss_scale).backward()
-            if signed:
-                sign_step(signed, round_lr * decay(step))
-            if opt:
-                opt.step()
-                sched.step()
-            step += 1
-            total, weight = total + float(loss.detach()) * w, weight + w
-        record["epoch_losses"].append(total / max(weight, 1e-30))
-        freeze(module)
-        loss_eval = mean_loss(batch_loss, n, opts.batch)
-        record["epoch_eval_losses"].append(loss_eval)
-        if loss_eval < record["loss_learned"]:
-            record.update(loss_learned=loss_eval, best_epoch=epoch)
-            best_state = quant_state_dict(module)
+    updates = UpdateInBackward(params, signed, opt)
+    try:
+        for epoch in tqdm(range(1, opts.epochs + 1), desc=f"{label}: train", leave=False, unit="epoch"):
+            set_quant_state(module, QuantState.FAKE_QUANT)
+            order, total, weight = torch.randperm(n, generator=gen), 0.0, 0.0
+            for lo in range(0, n, opts.batch):
+                loss, w = batch_loss(order[lo:lo + opts.batch].sort().values)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{label}: loss is {float(loss)} in epoch {epoch}; lower --lr")
+                updates.sign_lr = round_lr * decay(step)
+                (loss * loss_scale).backward()  # every learned tensor takes its update in here
+                updates.finish_step()
+                if opt:
+                    sched.step()
+                step += 1
+                total, weight = total + float(loss.detach()) * w, weight + w
+            record["epoch_losses"].append(total / max(weight, 1e-30))
+            freeze(module)
+            loss_eval = mean_loss(batch_loss, n, opts.batch)
+            record["epoch_eval_losses"].append(loss_eval)
+            if loss_eval < record["loss_learned"]:
+                record.update(loss_learned=loss_eval, best_epoch=epoch)
+                best_state = quant_state_dict(module)
+    finally:
+        updates.remove()
     # no epoch beat the start on the calibration set: ship the start (RTN unless the search found better)
     record["fallback_to_rtn"] = record["best_epoch"] == 0 and record.get("init_is_rtn", True)
     load_quant_state(module, best_state, label)
     freeze(module)
-    return best_state, record
+    return {name: tensor.contiguous() for name, tensor in best_state.items()}, record
+
+
+def _shared_zeros(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every tensor whose bits are all 0 (the rounding offsets before any training) as a view of
+    one zero that takes no memory: the start state is kept through training at no cost; ``contiguous()``
+    gives the same bytes back."""
+    return {name: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+            if t.numel() > 1 and not _bits(t).any() else t for name, t in state.items()}
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """The raw bits of a tensor as integers of its width (so -0.0 is not 0)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.view(ints[tensor.element_size()]) if tensor.is_floating_point() else tensor

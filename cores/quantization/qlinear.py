@@ -25,8 +25,8 @@ class QuantLinear(nn.Module):
     - ``FLOAT``: exactly ``nn.Linear``.
     - ``CALIBRATE``: float output; the input quantizer observes its input.
     - ``FAKE_QUANT``: fp32 math on fake-quantized input and weight; the clipping
-      parameters receive gradients. The weight's fake-quant chain is recomputed in
-      the backward instead of kept (:meth:`fake_quant_weight`).
+      parameters receive gradients. The weight's fake-quant chain and the matmul are
+      recomputed in the backward instead of kept (:meth:`forward`).
     - ``FROZEN``: the weight is quantized once to integer codes and a scale (what
       deploy writes) and dequantized in each forward, bit-identical to
       ``FAKE_QUANT``; no parameter receives gradients (the input still does).
@@ -158,9 +158,8 @@ class QuantLinear(nn.Module):
 
         Under autograd the chain (smoothing, scales, round, clamp) is checkpointed: its
         intermediates, several fp32 copies of the weight, are recomputed in the backward
-        instead of kept, which bounds a block's training memory to its weights, the fake-quant
-        weights the matmuls keep and the learned tensors with their optimizer state.
-        Values and gradients are those of the plain chain.
+        instead of kept. Values and gradients are those of the plain chain. (:meth:`forward`
+        checkpoints the chain together with its matmul.)
         """
         if not torch.is_grad_enabled():
             return self.weight_quantizer(self.effective_weight())
@@ -199,9 +198,19 @@ class QuantLinear(nn.Module):
         if self.state is QuantState.FROZEN:
             weight = self.weight_quantizer.dequantize_weight(self._frozen_codes, self._frozen_scale)
             bias = None if bias is None else bias.detach()
+        elif torch.is_grad_enabled():
+            # chain and matmul checkpointed together: the fp32 fake-quant weight the matmul's backward reads
+            # (4 bytes per weight, for every linear of the block until the backward reaches it) is recomputed
+            # there, one linear at a time, with the same values and gradients, instead of kept from the forward;
+            # a block's training memory is then its weights and the learned tensors with their optimizer state
+            return checkpoint(self._fake_quant_linear, x32, bias, use_reentrant=False).to(x.dtype)
         else:
             weight = self.fake_quant_weight()
         return F.linear(x32, weight, bias).to(x.dtype)
+
+    def _fake_quant_linear(self, x32: Tensor, bias: Tensor | None) -> Tensor:
+        """``FAKE_QUANT`` matmul of a (quantized) fp32 input, for the checkpoint of :meth:`forward`."""
+        return F.linear(x32, self.weight_quantizer(self.effective_weight()), bias)
 
     def extra_repr(self) -> str:
         return (
