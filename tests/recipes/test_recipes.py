@@ -360,6 +360,45 @@ def test_flow_failed_job_names_itself_and_resumes(tiny_deployed, tmp_path, capsy
     assert [row.split()[0] for row in table.splitlines()] == ["stage", "dump", "train", "deploy"]
 
 
+def test_fp8_source_trains_sequentially_unless_the_recipe_says(tiny_deployed, tmp_path, caplog):
+    """The flow puts an FP8 source on the more precise path (sequential blocks) unless the recipe sets
+    ``sequential``, is RTN or trains sub-blocks; with ``--jobs 2`` it asks for ``sequential: false``."""
+    import shutil
+
+    from blockptq_assets.tiny import fp8_twins
+    from cores.calibrator.params import ParamDir
+    from cores.recipes.flow import flow_train_options, is_fp8_source, run_flow
+
+    src, _ = tiny_deployed
+    fp8, _ = fp8_twins(src, tmp_path / "fp8")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, fp8 / name)
+    assert is_fp8_source(CheckpointReader(fp8)) and not is_fp8_source(CheckpointReader(src))
+    recipe = load_recipe_text(tmp_path, TRAINED)
+    assert flow_train_options(recipe, True)["sequential"] is True
+    assert "sequential" not in flow_train_options(recipe, False)
+    for training in ("{epochs: 1, sequential: false}", "{rtn: true}", "{train_mode: mla, smooth: false}"):
+        other = load_recipe_text(tmp_path, TRAINED.replace("{epochs: 1}", training))
+        assert not flow_train_options(other, True).get("sequential", False), training
+    cfg = _flow_cfg(fp8, tmp_path, "run", 2)
+    with pytest.raises(RecipeError, match=r"is an FP8 checkpoint, which the flow trains sequentially .* put "
+                                          r"'sequential: false' under training in .*trained\.yaml"):
+        run_flow(cfg)
+    caplog.set_level("INFO", "cores.recipes.flow")
+    out = run_flow(dataclasses.replace(cfg, jobs=1))
+    assert "is an FP8 checkpoint: training sequentially" in caplog.text
+    records = ParamDir(out["params"]).records()
+    assert len(records) == 3 and all(r["sequential"] for r in records)
+
+
+def load_recipe_text(tmp_path, text: str):
+    from cores.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
 def test_flow_refuses_what_it_cannot_deploy(tiny_deployed, tmp_path):
     from cores.recipes.flow import FlowConfig, resolve_recipe
 
