@@ -10,8 +10,9 @@ one row per mode x activation-aware:
    windows of the corpus eval split (Δ%).
 2. Deploy wall seconds, and the throughput ratio against a plain safetensors read + write of the
    same shards, measured side by side in this run (:func:`bench.bench_deploy.plain_copy_seconds`,
-   interleaved, best of ``--repeat``; goal ratio >= 0.5). An activation-aware deploy includes the
-   pass that runs every block on the calibration dump to collect its statistics.
+   interleaved, best of ``--repeat``; goal ratio >= 0.5), with every converted weight verified (the
+   default) and with ``--verify_samples`` of them (a spot check). An activation-aware deploy includes
+   the pass that runs every block on the calibration dump to collect its statistics.
 3. Peak RSS of ``deploy.py`` (a subprocess, :func:`bench.common.peak_rss_mib`), less that of the
    imports alone, against the largest input shard.
 4. The verification bands (GOOD / WARN / FAIL tensors).
@@ -102,16 +103,18 @@ def fp8_flags(mode: str, calib: Path | None) -> dict:
     return {"fp8_mode": None if mode == "max" else mode, "calib_dir": None if calib is None else str(calib)}
 
 
-def deploy_seconds(src: Path, out: Path, flags: dict) -> tuple[tuple[float, float], dict]:
+def deploy_seconds(src: Path, out: Path, flags: dict, verify_samples: int | None = None
+                   ) -> tuple[tuple[float, float], dict]:
     """Time one fp8 deploy into an empty ``out``: ((wall, CPU) seconds, verification summary)."""
     shutil.rmtree(out, ignore_errors=True)
     start = start_clean()
-    result = deploy(DeployConfig(str(src), str(out), "fp8", overwrite=True, **flags))
+    result = deploy(DeployConfig(str(src), str(out), "fp8", overwrite=True, verify_samples=verify_samples,
+                                 **flags))
     return since(start), result.verify
 
 
 def bench_model(name: str, src: Path, corpus: Path, calib: Path, cases: list[tuple[str, bool]], work: Path,
-                seq_len: int, windows: int, repeat: int) -> None:
+                seq_len: int, windows: int, repeat: int, verify_samples: int) -> None:
     size_mb = sum(shard_bytes(src)) / 10**6
     largest = max(shard_bytes(src)) / 2**20
     base = ppl(src, corpus, seq_len, windows, work / "ppl-bf16.json")
@@ -120,26 +123,29 @@ def bench_model(name: str, src: Path, corpus: Path, calib: Path, cases: list[tup
           f"ppl bf16 {base:.4f} ({windows} windows x {seq_len} tokens of {corpus.name} test); "
           f"throughput best of {repeat}, wall (CPU) ratio vs plain copy; imports take {imports:.0f} MiB RSS")
     print(f"{'mode':11s} {'act':4s} {'ppl':>9s} {'Δ%':>8s} {'deploy s':>9s} {'plain s':>8s} {'ratio':>12s} "
-          f"{'peak RSS MiB':>13s} {'-imports/shard':>15s} {'GOOD/WARN/FAIL':>15s}")
+          f"{f'ratio, {verify_samples} checked':>20s} {'peak RSS MiB':>13s} {'-imports/shard':>15s} "
+          f"{'GOOD/WARN/FAIL':>15s}")
     out = work / "out"
     deploy_seconds(src, out, fp8_flags("max", None))  # warm-up: imports, page cache
     for mode, act in cases:
         flags = fp8_flags(mode, calib if act else None)
-        plains, deploys = [], []
-        for _ in range(repeat):  # interleaved, so that a burst of load elsewhere hits both alike
+        plains, deploys, sampled = [], [], []
+        for _ in range(repeat):  # interleaved, so that a burst of load elsewhere hits every kind alike
             plains.append(plain_copy_seconds(src, work / "plain"))
+            sampled.append(deploy_seconds(src, out, flags, verify_samples)[0])
             seconds, verify = deploy_seconds(src, out, flags)
             deploys.append(seconds)
-        plain, dep = best(plains), best(deploys)
+        plain, dep, spot = best(plains), best(deploys), best(sampled)
         q = ppl(out, corpus, seq_len, windows, work / "ppl-fp8.json")
         cmd = [sys.executable, "deploy.py", "--input_weight_path", str(src), "--output_weight_path", str(out),
                "--quant_type", "fp8", "--overwrite"]
         cmd += [] if mode == "max" else ["--fp8_mode", mode]
         cmd += ["--calib_dir", str(calib)] if act else []
-        rss = peak_rss_mib(cmd)
+        rss = peak_rss_mib(cmd, exit_codes=(0, 1))  # 1: verification FAILed tensors (the bands column)
         bands = f"{verify['GOOD']}/{verify['WARN']}/{verify['FAIL']}"
         print(f"{mode:11s} {'yes' if act else 'no':4s} {q:9.4f} {100 * (q / base - 1):+8.2f} {dep[0]:9.2f} "
-              f"{plain[0]:8.2f} {plain[0] / dep[0]:5.2f} ({plain[1] / dep[1]:4.2f}) {rss:13.0f} "
+              f"{plain[0]:8.2f} {plain[0] / dep[0]:5.2f} ({plain[1] / dep[1]:4.2f}) "
+              f"{plain[0] / spot[0]:13.2f} ({plain[1] / spot[1]:4.2f}) {rss:13.0f} "
               f"{(rss - imports) / largest:15.2f} {bands:>15s}", flush=True)
     shutil.rmtree(out)
 
@@ -154,6 +160,8 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=16, help="ppl windows (default 16)")
     p.add_argument("--seq_len", type=int, default=512, help="ppl window length (default 512)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs of each deploy; the best counts (default 2)")
+    p.add_argument("--verify_samples", type=int, default=16,
+                   help="converted weights the spot-check column verifies (default 16)")
     p.add_argument("--models", default="smollm2", choices=["smollm2", "tiny", "qwen3_next", "qwen3_5", "both", "all"],
                    help="SmolLM2 (default), a random bf16 llama (hidden 1024, 8 blocks, 4 shards), a random bf16 "
                         "Qwen3-Next (hidden 512, DeltaNet + gated attention + MoE, 4 blocks), a random bf16 Qwen3.5 "
@@ -169,24 +177,25 @@ def main() -> None:
         if args.models in ("smollm2", "both", "all"):
             calib = Path(args.calib_dir) if args.calib_dir else make_dump(src, corpus, work / "calib",
                                                                           args.calib_samples, args.calib_seq_len)
-            bench_model(src.name, src, corpus, calib, CASES, work, args.seq_len, args.eval_windows, args.repeat)
+            bench_model(src.name, src, corpus, calib, CASES, work, args.seq_len, args.eval_windows, args.repeat,
+                        args.verify_samples)
         if args.models in ("tiny", "both", "all"):
             tiny, _ = tiny_bf16_model(work / "tiny", "llama", train_text(400_000), hidden_size=1024,
                                       intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
                                       num_hidden_layers=8, max_shard_size="55MB")
             tiny_calib = make_dump(tiny, corpus, work / "tiny-calib", 8, 256)
             bench_model("random llama hidden 1024, 8 blocks", tiny, corpus, tiny_calib, TINY_CASES, work, 256, 8,
-                        args.repeat)
+                        args.repeat, args.verify_samples)
         if args.models in ("qwen3_next", "all"):
             qnext, _ = tiny_bf16_model(work / "qwen3_next", "qwen3_next", train_text(400_000), **QWEN3_NEXT)
             qnext_calib = make_dump(qnext, corpus, work / "qwen3_next-calib", 8, 256)
             bench_model("random Qwen3-Next hidden 512, 4 blocks (3 DeltaNet, 1 gated attention)", qnext, corpus,
-                        qnext_calib, CASES, work, 256, 8, args.repeat)
+                        qnext_calib, CASES, work, 256, 8, args.repeat, args.verify_samples)
         if args.models in ("qwen3_5", "all"):
             q35 = tiny_qwen3_5(work / "qwen3_5", train_text(400_000))
             q35_calib = make_dump(q35, corpus, work / "qwen3_5-calib", 8, 256)
             bench_model("random Qwen3.5 VL, decoder hidden 512, 4 blocks (3 DeltaNet, 1 gated attention)", q35,
-                        corpus, q35_calib, CASES, work, 256, 8, args.repeat)
+                        corpus, q35_calib, CASES, work, 256, 8, args.repeat, args.verify_samples)
 
 
 if __name__ == "__main__":

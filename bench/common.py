@@ -19,17 +19,23 @@ VOCAB = 4096
 # the benchmark's own peak. A small probe process starts the command instead.
 RSS_PROBE = """
 import os, subprocess, sys
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 _, status, usage = os.wait4(proc.pid, 0)
-if status:
+if str(os.waitstatus_to_exitcode(status)) not in sys.argv[1].split(","):
     sys.exit(proc.stderr.read().decode()[-2000:])
 print(usage.ru_maxrss)
 """
 
 
-def peak_rss_mib(cmd: list[str], cwd: Path = ROOT) -> float:
-    """Peak resident set size (MiB) of ``cmd`` run in ``cwd`` (the repo root), from ``wait4`` in a probe process."""
-    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], cwd=cwd, capture_output=True, text=True)
+def peak_rss_mib(cmd: list[str], cwd: Path = ROOT, exit_codes: tuple[int, ...] = (0,)) -> float:
+    """Peak resident set size (MiB) of ``cmd`` run in ``cwd`` (the repo root), from ``wait4`` in a probe process.
+
+    Args:
+        exit_codes: The exit codes that count as a run (``deploy.py`` exits 1 when verification FAILs tensors,
+            having written the checkpoint and its report).
+    """
+    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, ",".join(map(str, exit_codes)), *cmd], cwd=cwd,
+                           capture_output=True, text=True)
     if probe.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {probe.stderr[-2000:]}")
     return int(probe.stdout) / 1024
