@@ -103,7 +103,8 @@ def test_shared_expert_gate_and_router_stay_unquantized(tiny):
     from cores.quantization import QuantLinear, get_scheme
 
     path, _ = tiny
-    block = quantize_block(StreamingModel(path, dtype="float32").load_block(0), get_scheme("w8a8c16"))
+    block = quantize_block(StreamingModel(path, dtype="float32").load_block(0),
+                           get_scheme("w8a8c16", act_mode="static"))
     quantized = {n for n, m in block.named_modules() if isinstance(m, QuantLinear)}
     assert {"linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj",
             "mlp.shared_expert.down_proj", "mlp.experts.0.gate_proj"} <= quantized

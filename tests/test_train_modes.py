@@ -125,8 +125,8 @@ def test_moe_holds_one_expert_at_a_time(tiny, tmp_path, monkeypatch, caplog):
 def test_mla_kv_quantizer_sees_latent_plus_rotary_key(tiny):
     model_dir, _, _ = tiny
     model = StreamingModel(model_dir, dtype=torch.float32)
-    block = quantize_block(model.load_block(1, skip=("mlp.",)), get_scheme("w8a8c8", "static", "int8"),
-                           scope="self_attn.")
+    block = quantize_block(model.load_block(1, skip=("mlp.",)),
+                           get_scheme("w8a8c8", act_mode="static", kv_format="int8"), scope="self_attn.")
     kv = block.self_attn.kv_cache_quant
     assert isinstance(kv, KVQuantizer)
     widths = []

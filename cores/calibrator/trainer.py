@@ -170,8 +170,8 @@ class TrainConfig:
     @property
     def quant_scheme(self) -> QuantScheme:
         """The scheme these settings ask for (validated)."""
-        return get_scheme(self.scheme, self.act, self.kv_format, self.group_size, self.act_format,
-                          not self.act_zero_point)
+        return get_scheme(self.scheme, act_mode=self.act, kv_format=self.kv_format, group_size=self.group_size,
+                          act_format=self.act_format, act_symmetric=not self.act_zero_point)
 
     @property
     def target_schemes(self) -> TargetSchemes | None:

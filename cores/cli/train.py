@@ -20,7 +20,7 @@ import logging
 
 from ..calibrator.params import TRAIN_MODES
 from ..calibrator.trainer import ROUND_OPTIMIZERS, TrainConfig, run_training, summarize
-from ..quantization import scheme_names
+from ..quantization import scheme_name, scheme_names
 from ..utils.config import build_config, load_yaml
 from ..utils.distributed import distributed
 from ..utils.logging import setup_logging
@@ -37,7 +37,10 @@ def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) ->
         raise UsageError(f"--a_bits {a_bits}: only 8-bit activations are supported")
     if cls not in (None, "c8", "bf16"):
         raise UsageError(f"--cls must be c8 or bf16, got {cls!r}")
-    return f"w{w_bits or 8}a8{'c8' if cls == 'c8' else 'c16'}"
+    try:
+        return scheme_name(w_bits or 8, kv=cls == "c8")
+    except ValueError as err:
+        raise UsageError(f"--w_bits {w_bits}: {err}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:

@@ -194,7 +194,8 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel
     params = open_params(cfg.param_dir, cfg.mla_param_path, cfg.moe_param_path)
     if params is None:
         act = cfg.act or "dynamic"
-        scheme = get_scheme(cfg.quant_type, act, cfg.kv_format or "fp8", cfg.group_size, cfg.act_format or "int8")
+        scheme = get_scheme(cfg.quant_type, act_mode=act, kv_format=cfg.kv_format, group_size=cfg.group_size,
+                            act_format=cfg.act_format)
         if act == "static" or scheme.kv_bits is not None:
             need = "static input scales" if act == "static" else "KV-cache scales"
             raise DeployError(

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quantization import QuantScheme, SchemeOverride, TargetSchemes, get_scheme, unpack_int4
+from ..quantization import QuantScheme, SchemeOverride, TargetSchemes, get_scheme, scheme_name, unpack_int4
 from ..utils.checkpoint import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
@@ -142,12 +142,12 @@ def _group_scheme(group: Mapping, kv: Mapping | None, where: str) -> QuantScheme
     if w_bits not in FORMAT_BY_BITS:
         raise CheckpointError(f"{where}: weights of {w_bits} bits are not supported; use 4 or 8")
     act = "dynamic" if acts.get("dynamic") else "static"
-    name = f"w{w_bits}a8c{'16' if kv is None else '8'}"
     try:
-        scheme = get_scheme(name, act, "fp8" if kv is None or kv.get("type") == "float" else "int8",
-                            weights.get("group_size") if weights.get("strategy") == "group" else None,
-                            "fp8" if acts.get("type") == "float" else "int8",
-                            bool(acts.get("symmetric", True)) or act != "static")
+        scheme = get_scheme(scheme_name(w_bits, kv=kv is not None), act_mode=act,
+                            kv_format="fp8" if kv is None or kv.get("type") == "float" else "int8",
+                            group_size=weights.get("group_size") if weights.get("strategy") == "group" else None,
+                            act_format="fp8" if acts.get("type") == "float" else "int8",
+                            act_symmetric=bool(acts.get("symmetric", True)) or act != "static")
     except ValueError as err:
         raise CheckpointError(f"{where}: unsupported quantization_config: {err}") from err
     want_group, want_kv = _group(scheme, []), _kv_args(scheme)

@@ -11,8 +11,14 @@ Weights and the KV cache are symmetric. Activations are int8, static per-tensor
 (symmetric, or asymmetric with an ``input_zero_point``: what vLLM's int8 kernels run
 as ``azp`` and NPU engines as an input offset) or dynamic per-token, or
 float8-e4m3 dynamic per-token with int4 weights (what vLLM's W4A8-FP8 kernels run
-on GPU); the activation format and symmetry, the KV format and the W4 group size are chosen in
-:func:`get_scheme`.
+on GPU).
+
+Each registered scheme is complete, with the defaults the commands use: int8 dynamic
+per-token symmetric activations, groups of 128 for W4, an fp8 KV cache for C8.
+:func:`get_scheme` applies a run's choices (``act_mode``, ``act_format``,
+``act_symmetric``, ``kv_format``, ``group_size``) as one ``dataclasses.replace``,
+validated like any scheme; :func:`scheme_name` is the one map from weight bits and
+KV cache to a name.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from cores.quantization.primitives import Granularity, per_channel, per_group, per_tensor, per_token
 from cores.quantization.quantizers import ActFormat, ActMode, KVFormat
@@ -107,7 +113,8 @@ class QuantScheme:
             raise ValueError(f"{self.name}: w_bits must be 4 or 8, got {self.w_bits}")
         if self.w_granularity == "channel":
             if self.group_size is not None:
-                raise ValueError(f"{self.name}: per-channel weights take no group_size, got {self.group_size}")
+                raise ValueError(f"{self.name} quantizes weights per output channel; group_size={self.group_size} "
+                                 "does not apply")
         elif self.w_granularity == "group":
             if self.group_size is None or self.group_size <= 0 or self.group_size % 8 != 0:
                 raise ValueError(
@@ -181,44 +188,53 @@ def scheme_names() -> list[str]:
     return sorted(_SCHEMES)
 
 
-def get_scheme(
-    name: str,
-    act: ActMode = "static",
-    kv_format: KVFormat = "fp8",
-    group_size: int | None = None,
-    act_format: ActFormat = "int8",
-    act_symmetric: bool = True,
-) -> QuantScheme:
-    """Look up a registered scheme and apply the per-run choices.
+SCHEME_CHOICES: tuple[str, ...] = ("act_mode", "act_format", "act_symmetric", "kv_format", "group_size")
+"""The :class:`QuantScheme` fields a run chooses (:func:`get_scheme`'s overrides); the others are the name's."""
+
+
+def get_scheme(name: str, **overrides: Any) -> QuantScheme:
+    """The registered scheme ``name`` with a run's choices: ``dataclasses.replace(registered, **overrides)``.
+
+    An override of None keeps the registered value (an unset flag). ``kv_format`` is dropped by a scheme with a
+    bf16 KV cache, which has no format to choose.
 
     Args:
         name: Registered scheme name, e.g. ``"w4a8c8"``.
-        act: ``"static"`` (per-tensor, learnable clip) or ``"dynamic"`` (per-token).
-        kv_format: ``"int8"`` or ``"fp8"``; ignored by schemes with a bf16 cache.
-        group_size: Override the weight group size of a group scheme.
-        act_format: ``"int8"`` or ``"fp8"`` (dynamic activations with int4 weights).
-        act_symmetric: False: static int8 activations with a zero point.
+        **overrides: Fields of :data:`SCHEME_CHOICES`, by name: ``act_mode`` (``"static"`` per-tensor or
+            ``"dynamic"`` per-token), ``act_format`` (``"int8"``, or ``"fp8"`` for dynamic activations with int4
+            weights), ``act_symmetric`` (False: static int8 activations with a zero point), ``kv_format``
+            (``"int8"`` or ``"fp8"``), ``group_size`` (of a group scheme).
 
     Returns:
         The validated scheme.
 
     Raises:
-        ValueError: On an unknown name (the message lists the valid ones), a
-            ``group_size`` for a per-channel scheme, or an invalid choice.
+        ValueError: On an unknown name (the message lists the valid ones), a ``group_size`` for a per-channel
+            scheme, or an invalid choice.
+        TypeError: On an override that is not one of :data:`SCHEME_CHOICES`.
     """
     if name not in _SCHEMES:
         raise ValueError(f"unknown quantization scheme {name!r}; valid schemes: {', '.join(scheme_names())}")
+    unknown = sorted(set(overrides) - set(SCHEME_CHOICES))
+    if unknown:
+        raise TypeError(f"get_scheme({name!r}): {', '.join(unknown)} cannot be chosen per run; the choices are "
+                        f"{', '.join(SCHEME_CHOICES)}")
     base = _SCHEMES[name]
-    if group_size is not None and base.w_granularity != "group":
-        raise ValueError(f"{name} quantizes weights per output channel; group_size={group_size} does not apply")
-    return replace(
-        base,
-        act_mode=act,
-        kv_format=kv_format if base.kv_bits is not None else None,
-        group_size=base.group_size if group_size is None else group_size,
-        act_format=act_format,
-        act_symmetric=act_symmetric,
-    )
+    chosen = {k: v for k, v in overrides.items() if v is not None and not (k == "kv_format" and base.kv_bits is None)}
+    return replace(base, **chosen)
+
+
+def scheme_name(w_bits: int, kv: bool) -> str:
+    """The name of the registered scheme with ``w_bits`` weights and an 8-bit KV cache (``kv``) or a bf16 one.
+
+    Raises:
+        ValueError: When no registered scheme has them (the message lists the valid ones).
+    """
+    for scheme in _SCHEMES.values():
+        if scheme.w_bits == w_bits and (scheme.kv_bits is not None) == kv:
+            return scheme.name
+    raise ValueError(f"no quantization scheme has {w_bits}-bit weights and a {'8-bit' if kv else 'bf16'} KV cache; "
+                     f"valid schemes: {', '.join(scheme_names())}")
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -274,10 +290,15 @@ def serving_notes(scheme: QuantScheme, moe: bool = False, mla: bool = False) -> 
     return notes
 
 
-register_scheme(QuantScheme("w8a8c16", 8, "channel", None, 8, "static", None, None))
-register_scheme(QuantScheme("w8a8c8", 8, "channel", None, 8, "static", 8, "fp8"))
-register_scheme(QuantScheme("w4a8c16", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", None, None))
-register_scheme(QuantScheme("w4a8c8", 4, "group", DEFAULT_GROUP_SIZE, 8, "static", 8, "fp8"))
+_W8 = {"w_bits": 8, "w_granularity": "channel", "group_size": None}
+_W4 = {"w_bits": 4, "w_granularity": "group", "group_size": DEFAULT_GROUP_SIZE}
+_A8 = {"a_bits": 8, "act_mode": "dynamic", "act_format": "int8", "act_symmetric": True}
+_C16 = {"kv_bits": None, "kv_format": None}
+_C8 = {"kv_bits": 8, "kv_format": "fp8"}
+register_scheme(QuantScheme(name="w8a8c16", **_W8, **_A8, **_C16))
+register_scheme(QuantScheme(name="w8a8c8", **_W8, **_A8, **_C8))
+register_scheme(QuantScheme(name="w4a8c16", **_W4, **_A8, **_C16))
+register_scheme(QuantScheme(name="w4a8c8", **_W4, **_A8, **_C8))
 
 
 # ---- per-target schemes ----------------------------------------------------------------------------------------

@@ -132,8 +132,9 @@ class Recipe:
     def quant_scheme(self):
         """The :class:`~cores.quantization.QuantScheme` of the scheme with its options."""
         o = self.options
-        return get_scheme(self.scheme, o.get("act", "dynamic"), o.get("kv_format", "fp8"), o.get("group_size"),
-                          o.get("act_format", "int8"), not o.get("act_zero_point", False))
+        return get_scheme(self.scheme, act_mode=o.get("act"), kv_format=o.get("kv_format"),
+                          group_size=o.get("group_size"), act_format=o.get("act_format"),
+                          act_symmetric=not o.get("act_zero_point", False))
 
     def override_schemes(self) -> tuple[SchemeOverride, ...]:
         """The overrides as schemes: each takes the recipe's options, its own ``scheme`` and ``act`` replacing
@@ -156,8 +157,8 @@ class Recipe:
             fmt = base.act_format if w4 and act == "dynamic" else "int8"
             group = o.group_size or (self.options.get("group_size") if w4 and base.w_bits == 4 else None)
             try:
-                scheme = get_scheme(name, act, base.kv_format or "fp8", group, fmt,
-                                    base.act_symmetric or act != "static")
+                scheme = get_scheme(name, act_mode=act, kv_format=base.kv_format, group_size=group, act_format=fmt,
+                                    act_symmetric=base.act_symmetric or act != "static")
                 TargetSchemes(base, (SchemeOverride(patterns, scheme),))
             except ValueError as err:
                 raise RecipeError(f"{o.where}: override {name} act {act}: {err}") from None

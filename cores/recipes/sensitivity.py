@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import DEFAULT_IGNORE, get_scheme
+from ..quantization import DEFAULT_IGNORE, get_scheme, scheme_name
 from ..quantization.block import freeze, quantize_block
 from ..utils.data import load_text, ppl_windows
 from .schema import RECIPE_VERSION, Recipe, format_layer_ranges
@@ -112,11 +112,11 @@ class SensitivityResult:
 
 
 def _measured_scheme(name: str):
-    scheme = get_scheme(name, "dynamic")
+    scheme = get_scheme(name, act_mode="dynamic")
     if scheme.kv_bits is not None:
-        twin = name.replace("c8", "c16")
+        twin = scheme_name(scheme.w_bits, kv=False)
         log.info("%s: round-to-nearest has no KV-cache scales; measuring weights and activations as %s", name, twin)
-        scheme = get_scheme(twin, "dynamic", group_size=scheme.group_size if scheme.group_size != 128 else None)
+        scheme = get_scheme(twin, act_mode="dynamic", group_size=scheme.group_size)
     return scheme
 
 

@@ -39,8 +39,9 @@ def params_factory(tmp_path_factory):
         key = (str(model_dir), name, act, kv_format, act_format, parts)
         if key not in cache:
             out = tmp_path_factory.mktemp("params") / f"{name}-{act}-{kv_format}-{act_format}-{parts}"
-            scheme = get_scheme(name, act, kv_format, GROUP if name.startswith("w4") else None, act_format,
-                                "zp" not in parts)
+            scheme = get_scheme(name, act_mode=act, kv_format=kv_format,
+                                group_size=GROUP if name.startswith("w4") else None, act_format=act_format,
+                                act_symmetric="zp" not in parts)
             cache[key] = make_params(model_dir, out, scheme, rounding="rounding" in parts, smooth="smooth" in parts)
         return cache[key]
 

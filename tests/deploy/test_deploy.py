@@ -88,7 +88,7 @@ def test_smoothing_rewrites_the_norm_weights_as_trained(deployed, tiny_llama):
 
 
 def test_rtn_deploy_equals_rtn_fake_quant(tiny_llama, ids, tmp_path):
-    scheme = get_scheme("w4a8c16", "dynamic", group_size=GROUP)
+    scheme = get_scheme("w4a8c16", act_mode="dynamic", group_size=GROUP)
     deploy(DeployConfig(str(tiny_llama), str(tmp_path / "rtn"), "w4a8c16", group_size=GROUP))
     config = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is True

@@ -15,7 +15,7 @@ SCHEMES = [("w8a8c16", "static", "fp8"), ("w8a8c8", "static", "fp8"), ("w8a8c8",
 
 @pytest.mark.parametrize("name,act,kv", SCHEMES)
 def test_config_fields_and_round_trip(name, act, kv):
-    scheme = get_scheme(name, act, kv)
+    scheme = get_scheme(name, act_mode=act, kv_format=kv)
     qcfg = quantization_config(scheme, ["lm_head"])
     group = qcfg["config_groups"]["group_0"]
     assert qcfg["quant_method"] == "compressed-tensors" and qcfg["quantization_status"] == "compressed"
@@ -38,7 +38,7 @@ def test_config_fields_and_round_trip(name, act, kv):
 
 
 def test_parse_refuses_what_we_do_not_run():
-    qcfg = quantization_config(get_scheme("w8a8c8"), [])
+    qcfg = quantization_config(get_scheme("w8a8c8", act_mode="static"), [])
     qcfg["config_groups"]["group_0"]["weights"]["symmetric"] = False
     with pytest.raises(CheckpointError, match="weights.symmetric: False, expected True"):
         DeployedFormat.from_config({"quantization_config": qcfg})
@@ -54,7 +54,7 @@ def test_ignore_matching_is_compressed_tensors_semantics():
 
 @pytest.mark.parametrize("name", ["w8a8c16", "w4a8c16"])
 def test_compressed_tensors_decompresses_our_tensors_to_our_weights(name):
-    scheme = get_scheme(name, "static", group_size=32 if name.startswith("w4") else None)
+    scheme = get_scheme(name, act_mode="static", group_size=32 if name.startswith("w4") else None)
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     quantizer = WeightQuantizer(weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=True)
     with torch.no_grad():
@@ -70,9 +70,9 @@ def test_compressed_tensors_decompresses_our_tensors_to_our_weights(name):
 
 def test_per_target_groups_round_trip():
     """Linears with another scheme than the model's become a group of their own, listing their full names."""
-    base = get_scheme("w8a8c8", "dynamic")
-    static = get_scheme("w8a8c8", "static")
-    w4 = get_scheme("w4a8c8", "dynamic", group_size=64)
+    base = get_scheme("w8a8c8", act_mode="dynamic")
+    static = get_scheme("w8a8c8", act_mode="static")
+    w4 = get_scheme("w4a8c8", act_mode="dynamic", group_size=64)
     names = {"model.layers.0.mlp.down_proj": static, "model.layers.1.mlp.down_proj": static,
              "model.layers.0.mlp.up_proj": base, "model.layers.1.mlp.up_proj": w4, "model.layers.1.mlp.gate_proj": w4}
     qcfg = quantization_config(base, ["lm_head"], names)
@@ -96,9 +96,10 @@ def test_per_target_groups_keep_one_kv_cache():
     from cores.quantization import SchemeOverride, TargetSchemes
 
     with pytest.raises(ValueError, match="the KV cache is one scheme"):
-        TargetSchemes(get_scheme("w8a8c8"), (SchemeOverride(("x",), get_scheme("w8a8c16")),))
-    targets = TargetSchemes(get_scheme("w8a8c8", "dynamic"), (
-        SchemeOverride((r"re:.*\.mlp\..*",), get_scheme("w8a8c8", "static")),
+        TargetSchemes(get_scheme("w8a8c8", act_mode="static"),
+                      (SchemeOverride(("x",), get_scheme("w8a8c16", act_mode="static")),))
+    targets = TargetSchemes(get_scheme("w8a8c8", act_mode="dynamic"), (
+        SchemeOverride((r"re:.*\.mlp\..*",), get_scheme("w8a8c8", act_mode="static")),
         SchemeOverride(("model.layers.1.mlp.down_proj",), None)))
     # compressed-tensors' order: an exact name before a regex, whatever the order of the overrides
     assert targets.scheme_for("model.layers.1.mlp.down_proj") is None

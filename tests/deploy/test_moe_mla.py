@@ -225,9 +225,9 @@ def test_static_experts_are_flagged_for_serving(sources, deployed):
     assert warnings[1] == W8_STATIC_AMX_DYNAMIC
     experts = ["model.layers.1.mlp.experts.0.up_proj"]
     dense = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_a_proj"]
-    assert serving_warnings(get_scheme("w8a8c8", "dynamic"), experts) == []
-    assert serving_warnings(get_scheme("w8a8c8", "static"), dense) == [W8_STATIC_AMX_DYNAMIC]
+    assert serving_warnings(get_scheme("w8a8c8", act_mode="dynamic"), experts) == []
+    assert serving_warnings(get_scheme("w8a8c8", act_mode="static"), dense) == [W8_STATIC_AMX_DYNAMIC]
     assert serving_warnings(None, experts) == []
     mla = ["model.layers.0.self_attn.kv_a_proj_with_mqa"]
-    assert serving_warnings(get_scheme("w8a8c8", "dynamic"), mla) == [MLA_KV_NOT_VLLM]
-    assert serving_warnings(get_scheme("w8a8c16", "dynamic"), mla) == []
+    assert serving_warnings(get_scheme("w8a8c8", act_mode="dynamic"), mla) == [MLA_KV_NOT_VLLM]
+    assert serving_warnings(get_scheme("w8a8c16", act_mode="dynamic"), mla) == []

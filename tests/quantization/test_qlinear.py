@@ -24,10 +24,10 @@ from cores.quantization import (
 )
 
 SCHEMES = [
-    get_scheme("w8a8c8", act="static"),
-    get_scheme("w8a8c16", act="dynamic"),
-    get_scheme("w4a8c16", act="static", group_size=64),
-    get_scheme("w4a8c8", act="dynamic"),
+    get_scheme("w8a8c8", act_mode="static"),
+    get_scheme("w8a8c16", act_mode="dynamic"),
+    get_scheme("w4a8c16", act_mode="static", group_size=64),
+    get_scheme("w4a8c8", act_mode="dynamic"),
 ]
 
 
@@ -114,7 +114,7 @@ def test_float_state_equals_nn_linear(scheme: QuantScheme, bias: bool, dtype: to
 
 def test_checkpoint_keys_still_load() -> None:
     linear = _linear()
-    qlinear = QuantLinear.from_scheme(_linear(seed=1), get_scheme("w8a8c8"))
+    qlinear = QuantLinear.from_scheme(_linear(seed=1), get_scheme("w8a8c8", act_mode="static"))
     missing, unexpected = qlinear.load_state_dict(linear.state_dict(), strict=False)
     assert unexpected == [] and all("quantizer" in key for key in missing)
     assert torch.equal(qlinear.weight, linear.weight) and torch.equal(qlinear.bias, linear.bias)
@@ -176,21 +176,21 @@ def test_exported_tensors_reproduce_the_trained_forward(scheme: QuantScheme) -> 
 
 
 def test_learnable_parameters_are_only_the_clips() -> None:
-    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", group_size=64))
+    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", act_mode="static", group_size=64))
     names = {name for name, p in qlinear.named_parameters() if any(p is q for q in qlinear.learnable_parameters())}
     assert names == {
         "weight_quantizer.upbound_factor",
         "weight_quantizer.lowbound_factor",
         "input_quantizer.clip_factor",
     }
-    plain = QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8"), lwc=False, lac=False)
+    plain = QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8", act_mode="static"), lwc=False, lac=False)
     assert plain.learnable_parameters() == []
-    assert QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8", act="dynamic")).input_quantizer.lac is False
+    assert QuantLinear.from_scheme(_linear(), get_scheme("w8a8c8", act_mode="dynamic")).input_quantizer.lac is False
 
 
 def test_gradients_reach_lwc_and_lac_through_the_layer() -> None:
     x = torch.randn(4, 16, 256)
-    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", group_size=64))
+    qlinear = QuantLinear.from_scheme(_linear(), get_scheme("w4a8c8", act_mode="static", group_size=64))
     qlinear.set_state(QuantState.CALIBRATE)
     reference = qlinear(x)
     qlinear.set_state(QuantState.FAKE_QUANT)
@@ -211,7 +211,7 @@ def test_quantize_linears_respects_ignore_patterns() -> None:
     block = _Block()
     x = torch.randn(2, 8, 64)
     expected = block(x)
-    replaced = quantize_linears(block, get_scheme("w8a8c8"))
+    replaced = quantize_linears(block, get_scheme("w8a8c8", act_mode="static"))
     assert set(replaced) == {
         "self_attn.q_proj",
         "self_attn.o_proj",
@@ -225,10 +225,11 @@ def test_quantize_linears_respects_ignore_patterns() -> None:
     assert type(block.self_attn.kv_b_proj) is nn.Linear  # DeepSeek's recipe keeps the MLA up-projection
     assert block.mlp.experts[1].down_proj is replaced["mlp.experts.1.down_proj"]
     assert torch.equal(block(x), expected)
-    assert quantize_linears(block, get_scheme("w8a8c8")) == {}
+    assert quantize_linears(block, get_scheme("w8a8c8", act_mode="static")) == {}
 
     other = _Block()
-    replaced = quantize_linears(other, get_scheme("w8a8c8"), ignore=[r"re:.*kv_b_proj$", "mlp.experts.*", "mlp.gate"])
+    replaced = quantize_linears(other, get_scheme("w8a8c8", act_mode="static"),
+                                ignore=[r"re:.*kv_b_proj$", "mlp.experts.*", "mlp.gate"])
     assert set(replaced) == {
         "self_attn.q_proj",
         "self_attn.o_proj",
@@ -241,8 +242,9 @@ def test_quantize_linears_respects_ignore_patterns() -> None:
 def test_quantize_linears_names_the_layer_when_the_group_does_not_fit() -> None:
     block = _Block(hidden=64)
     with pytest.raises(ValueError, match=r"'self_attn.q_proj'.*group size 128 does not divide the input dim 64"):
-        quantize_linears(block, get_scheme("w4a8c8"))
-    assert len(quantize_linears(_Block(), get_scheme("w4a8c8", group_size=32))) == 11  # all but kv_b_proj
+        quantize_linears(block, get_scheme("w4a8c8", act_mode="static"))
+    w4 = get_scheme("w4a8c8", act_mode="static", group_size=32)
+    assert len(quantize_linears(_Block(), w4)) == 11  # all but kv_b_proj
 
 
 def test_set_quant_state_drives_the_lifecycle() -> None:
@@ -250,7 +252,7 @@ def test_set_quant_state_drives_the_lifecycle() -> None:
     block = _Block()
     x = torch.randn(2, 8, 64)
     expected = block(x)
-    replaced = quantize_linears(block, get_scheme("w8a8c8"))
+    replaced = quantize_linears(block, get_scheme("w8a8c8", act_mode="static"))
     with pytest.raises(RuntimeError, match="no range observed"):
         set_quant_state(block, QuantState.FAKE_QUANT)
     set_quant_state(block, QuantState.CALIBRATE)
@@ -270,8 +272,9 @@ def test_set_quant_state_drives_the_lifecycle() -> None:
 def test_quantize_linears_matches_full_names_under_prefix() -> None:
     """A compressed-tensors ``ignore`` entry names one module in full: it holds in that block only."""
     ignore = ["model.layers.3.self_attn.q_proj", r"re:model\.layers\.3\.mlp\.experts\.0\..*"]
-    there = quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore, prefix="model.layers.3.")
-    elsewhere = quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore, prefix="model.layers.2.")
+    there = quantize_linears(_Block(), get_scheme("w8a8c8", act_mode="static"), ignore=ignore, prefix="model.layers.3.")
+    elsewhere = quantize_linears(_Block(), get_scheme("w8a8c8", act_mode="static"), ignore=ignore,
+                                 prefix="model.layers.2.")
     assert set(elsewhere) - set(there) == {"self_attn.q_proj", *(f"mlp.experts.0.{p}" for p in
                                                                  ("gate_proj", "up_proj", "down_proj"))}
-    assert set(quantize_linears(_Block(), get_scheme("w8a8c8"), ignore=ignore)) == set(elsewhere)
+    assert set(quantize_linears(_Block(), get_scheme("w8a8c8", act_mode="static"), ignore=ignore)) == set(elsewhere)

@@ -37,7 +37,7 @@ def _rotary():
 
 
 def test_every_declared_pair_gets_one_smoother_and_gqa_repeats_each_kv_channel() -> None:
-    block = quantize_block(_block(), get_scheme("w8a8c16", act="dynamic"), smooth=True)
+    block = quantize_block(_block(), get_scheme("w8a8c16", act_mode="dynamic"), smooth=True)
     pairs = {id(s): [type(c).__name__ for c in consumers] for s, consumers in smoothers(block)}
     assert len(pairs) == 4  # input norm -> q/k/v, post-attention norm -> gate/up, v -> o, up -> down
     assert block.self_attn.o_proj.in_smooth is block.self_attn.v_proj.out_smooth
@@ -60,7 +60,7 @@ def test_smoothing_keeps_the_float_function(bias: bool) -> None:
     x = torch.randn(2, SEQ, HIDDEN)
     cos, sin = _rotary()
     ref = block(x, cos, sin)
-    quantize_block(block, get_scheme("w8a8c16", act="dynamic"), smooth=True)
+    quantize_block(block, get_scheme("w8a8c16", act_mode="dynamic"), smooth=True)
     with torch.no_grad():
         for smoother, _ in smoothers(block):
             smoother.log_scale.copy_(0.5 * torch.randn(smoother.channels))
@@ -90,7 +90,7 @@ def test_smoothing_search_lowers_the_static_activation_error() -> None:
     x[..., 3] *= 80  # an outlier channel of the residual stream
     cos, sin = _rotary()
     ref = block(x, cos, sin)
-    quantize_block(block, get_scheme("w8a8c16", act="static"), smooth=True)
+    quantize_block(block, get_scheme("w8a8c16", act_mode="static"), smooth=True)
     losses = {}
     for alpha in (None, 0.5):
         set_quant_state(block, QuantState.CALIBRATE)
