@@ -124,7 +124,7 @@ def plan_fp8(reader: CheckpointReader, layer_prefix: str = "model.layers.", bloc
         DeployError: When the source is already quantized (FP8 or compressed-tensors), or nothing converts.
     """
     qcfg = reader.config.get("quantization_config") or {}
-    if any(k.endswith(SCALE_INV_SUFFIX) for k in reader.keys) or qcfg.get("quant_method") == "fp8":
+    if reader.is_fp8:
         raise DeployError(f"{reader.model_dir} is already an FP8 checkpoint (weight_scale_inv tiles): there is "
                           "nothing to quantize. To recalibrate its scales, dequantize it first with "
                           "--quant_type bfloat16 and deploy fp8 from that")

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..quantization import TargetSchemes
-from ..utils.checkpoint import SCALE_INV_SUFFIX
 from .schema import Recipe, RecipeError, check_against_model, load_recipe
 from .select import builtin_path, recipe_name_for
 
@@ -107,7 +106,7 @@ def _resolve(cfg: FlowConfig) -> tuple[Recipe, dict]:
                           "add 'smooth: false' under training, or use a c16 scheme")
     if cfg.mix_path and not recipe.bf16_layers:
         raise RecipeError(f"{path}: --mix_path given but the recipe keeps no bf16_layers")
-    fp8 = is_fp8_source(model.reader)
+    fp8 = model.reader.is_fp8
     options = flow_train_options(recipe, fp8)
     if cfg.jobs > 1 and options.get("sequential", False):
         if "sequential" in recipe.training:
@@ -122,12 +121,6 @@ def _resolve(cfg: FlowConfig) -> tuple[Recipe, dict]:
         log.info("flow: %s is an FP8 checkpoint: training sequentially, the more precise path ('sequential: false' "
                  "under training in the recipe trains the blocks independently)", cfg.model_path)
     return recipe, options
-
-
-def is_fp8_source(reader) -> bool:
-    """Whether a checkpoint is FP8 (``quant_method: fp8``, or ``weight_scale_inv`` tiles beside its weights)."""
-    qcfg = reader.config.get("quantization_config") or {}
-    return qcfg.get("quant_method") == "fp8" or any(k.endswith(SCALE_INV_SUFFIX) for k in reader.keys)
 
 
 def flow_train_options(recipe: Recipe, fp8_source: bool) -> dict:

@@ -269,6 +269,12 @@ class CheckpointReader:
             ) from err
 
     @property
+    def is_fp8(self) -> bool:
+        """Whether this is an FP8 checkpoint (``quant_method: fp8``, or ``weight_scale_inv`` tiles beside weights)."""
+        qcfg = self.config.get("quantization_config") or {}
+        return qcfg.get("quant_method") == "fp8" or any(k.endswith(SCALE_INV_SUFFIX) for k in self.weight_map)
+
+    @property
     def keys(self) -> list[str]:
         """All tensor names stored in the checkpoint (FP8 scale tensors included)."""
         return list(self.weight_map)

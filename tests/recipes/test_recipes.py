@@ -367,13 +367,13 @@ def test_fp8_source_trains_sequentially_unless_the_recipe_says(tiny_deployed, tm
 
     from blockptq_assets.tiny import fp8_twins
     from cores.calibrator.params import ParamDir
-    from cores.recipes.flow import flow_train_options, is_fp8_source, run_flow
+    from cores.recipes.flow import flow_train_options, run_flow
 
     src, _ = tiny_deployed
     fp8, _ = fp8_twins(src, tmp_path / "fp8")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, fp8 / name)
-    assert is_fp8_source(CheckpointReader(fp8)) and not is_fp8_source(CheckpointReader(src))
+    assert CheckpointReader(fp8).is_fp8 and not CheckpointReader(src).is_fp8
     recipe = load_recipe_text(tmp_path, TRAINED)
     assert flow_train_options(recipe, True)["sequential"] is True
     assert "sequential" not in flow_train_options(recipe, False)
