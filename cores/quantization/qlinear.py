@@ -154,16 +154,12 @@ class QuantLinear(nn.Module):
             return self.effective_weight()
 
     def fake_quant_weight(self) -> Tensor:
-        """The fake-quantized effective weight of the ``FAKE_QUANT`` forward.
+        """The fake-quantized effective weight of the ``FAKE_QUANT`` forward (smoothing, scales, round, clamp).
 
-        Under autograd the chain (smoothing, scales, round, clamp) is checkpointed: its
-        intermediates, several fp32 copies of the weight, are recomputed in the backward
-        instead of kept. Values and gradients are those of the plain chain. (:meth:`forward`
-        checkpoints the chain together with its matmul.)
+        Under autograd :meth:`forward` checkpoints this chain together with its matmul: its intermediates,
+        several fp32 copies of the weight, are recomputed in the backward instead of kept.
         """
-        if not torch.is_grad_enabled():
-            return self.weight_quantizer(self.effective_weight())
-        return checkpoint(lambda: self.weight_quantizer(self.effective_weight()), use_reentrant=False)
+        return self.weight_quantizer(self.effective_weight())
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         """The clipping parameters of the quantizers (never ``weight``/``bias``)."""
@@ -210,7 +206,7 @@ class QuantLinear(nn.Module):
 
     def _fake_quant_linear(self, x32: Tensor, bias: Tensor | None) -> Tensor:
         """``FAKE_QUANT`` matmul of a (quantized) fp32 input, for the checkpoint of :meth:`forward`."""
-        return F.linear(x32, self.weight_quantizer(self.effective_weight()), bias)
+        return F.linear(x32, self.fake_quant_weight(), bias)
 
     def extra_repr(self) -> str:
         return (
