@@ -30,6 +30,7 @@ from bench.common import peak_rss_mib  # noqa: E402
 
 from blockptq_assets.assets import ensure_assets  # noqa: E402
 from blockptq_assets.tiny import make_tiny_checkpoint  # noqa: E402
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel  # noqa: E402
 from cores.utils.data import load_text, ppl_windows  # noqa: E402
 
@@ -84,7 +85,7 @@ def speed_bench(assets, windows: int, seq_len: int) -> None:
     del model
 
     start = time.perf_counter()
-    nll, count = StreamingModel(assets.model_dir, dtype="float32").sequence_nll(ids)
+    nll, count = sequence_nll(StreamingModel(assets.model_dir, dtype="float32"), ids)
     ours_s = time.perf_counter() - start
 
     hf_ppl, ours_ppl = math.exp(hf_nll), math.exp(nll / count)

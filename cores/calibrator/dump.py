@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..models.streaming import HiddenStore
+from ..models.hidden_store import HiddenStore
 from ..utils.io import atomic_write_text, file_change, file_record, load_json
 from ..utils.safetensors_stream import StreamedFile, TensorSpec
 

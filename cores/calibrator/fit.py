@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..models.streaming import HiddenStore
+from ..models.hidden_store import HiddenStore
 from ..quantization import LAC_INIT_LOGIT, ActQuantizer, QuantState, set_quant_state
 from ..quantization.block import (freeze, init_smoothers, learnable_parameters, load_quant_state, quant_state_dict,
                                   smoothers)

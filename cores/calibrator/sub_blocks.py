@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ..models.moe import MoE
-from ..models.streaming import HiddenStore, StreamingModel
+from ..models.hidden_store import HiddenStore
+from ..models.streaming import StreamingModel
 from ..quantization import QuantScheme, TargetSchemes
 from ..quantization.block import quant_state_dict, quantize_block
-from .dump import HiddenDump
 from .fit import Batches, FitOptions, calibrate, fit, mse, norm_mse
 
 

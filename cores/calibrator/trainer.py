@@ -7,200 +7,162 @@ Blocks are independent jobs (any range, any order, any machine); with
 blocks before, which is slower but compensates accumulated error. The train
 modes ``mla`` and ``moe`` (:mod:`.sub_blocks`) learn the attention and the MLP
 halves of each block as separate jobs into the same param dir.
+
+A run, in parts: :func:`open_run` opens the model, checks the dump and binds the
+param dir (:class:`TrainRun`); :func:`plan_blocks` picks this rank's blocks;
+:func:`train_whole_block` or :func:`train_sub_block` trains one block and saves it
+(:func:`save_block`); :class:`SequentialInputs` carries the quantized outputs from one
+block to the next; :func:`run_training` chains them and :func:`summarize` reports.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..models.streaming import HiddenStore, StreamingModel
-from ..quantization import (DEFAULT_IGNORE, QuantScheme, SchemeOverride, TargetSchemes, get_scheme,
-                            promote_unquantized, scheme_identity, serving_notes)
+from ..models.hidden_store import HiddenStore
+from ..models.streaming import StreamingModel
+from ..quantization import QuantScheme, TargetSchemes, cast_for_compute, scheme_identity, serving_notes
 from ..quantization.block import freeze, load_quant_state, quantize_block
 from ..utils.checkpoint import model_fingerprint, norm_dtype
 from ..utils.distributed import Ranks
 from ..utils.io import remove_stale_temps
 from .dump import DumpError, DumpFiles, DumpManifest, boundary_path
-from .fit import Batches, FitOptions, fit, mse, norm_mse
-from .params import TRAIN_MODES, ParamDir
+from .fit import Batches, fit, mse, norm_mse
+from .params import ParamDir
 from .sub_blocks import SubBlockJob, train_attention, train_mlp
+from .train_config import TrainConfig  # also imported from here by the callers of run_training
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_LWC_LR = {4: 1e-2, 8: 2e-3}
-"""Weight-clip learning rate by weight bits (why: ``docs/defaults.md``)."""
-
-
-DEFAULT_LAC_LR = {"static": 1e-2, "dynamic": 2e-3}
-"""Activation / KV clip learning rate by activation mode (why: ``docs/defaults.md``)."""
-
-
-DEFAULT_ROUND_LR = 5e-3
-"""Adam learning rate of the rounding offsets (in [-0.5, 0.5]); signed steps default to SignRound's
-``1 / steps`` instead (:class:`~.fit.FitOptions`)."""
-
-DEFAULT_ROUND_OPTIMIZER = {4: "sign", 8: "adam"}
-"""Rounding-offset update by weight bits: signed steps keep no optimizer state and learned better at W4;
-W8 keeps the Adam its measured numbers were trained with (why: ``docs/defaults.md``)."""
-
-DEFAULT_SMOOTH_LR = 5e-3
-"""Adam learning rate of the log smoothing scales."""
-
-SMOOTH_ALPHAS = (0.5, 0.7, 0.85)
-"""SmoothQuant migration strengths the initial smoothing search tries besides identity."""
-
-LOSSES = ("norm_mse", "mse")
-
-ROUND_OPTIMIZERS = ("adam", "sign")
+DEFAULT_DTYPE = "float32"
+"""The compute dtype param dirs were trained in before ``--dtype``; a record names the dtype only when it is
+another."""
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one ``main.py`` run.
+class TrainRun:
+    """An opened run: the model in the compute dtype, its checked dump, the bound param dir, and what every
+    block shares (scheme, rotary tables)."""
 
-    Attributes:
-        model: FP model folder (bf16 or FP8).
-        data_dir: calibration dump from ``extract_calib_data.py``.
-        output_dir: param dir.
-        scheme: ``w8a8c16``, ``w8a8c8``, ``w4a8c16`` or ``w4a8c8``.
-        act: ``dynamic`` (per-token, the default: what vLLM's int8 kernels run, and far better than a
-            per-tensor scale on models with massive activations) or ``static`` (per-tensor input scale,
-            searched then learned clip; NPU engines).
-        kv_format: ``int8`` or ``fp8`` for C8 schemes.
-        act_format: ``int8`` activation codes, or ``fp8`` (dynamic, int4 weights).
-        act_zero_point: static int8 activations with a zero point (asymmetric ``[min, max]`` ranges).
-        group_size: W4 group size (default 128).
-        lwc: learn weight clipping.
-        lac: learn clipping of static activation / KV scales.
-        rounding: learn a rounding offset per weight (SignRound-style), jointly with the clips.
-        smooth: learned smoothing (equivalent transformations) between each norm and the linears
-            reading it, ``v_proj`` -> ``o_proj`` and ``up_proj`` -> ``down_proj``, initialised by a
-            SmoothQuant search over :data:`SMOOTH_ALPHAS` (identity included) and folded into the
-            checkpoint at deploy; None: on in block mode, off in the sub-block modes (it needs the
-            whole block).
-        smooth_lr: learning rate of the log smoothing scales; None: :data:`DEFAULT_SMOOTH_LR`.
-        loss: ``norm_mse``: the block output's MSE after the norm that reads it next (the next
-            block's input norm, or the final norm); ``mse``: on the raw residual stream.
-        epochs: passes over the calibration samples.
-        lr: AdamW learning rate of the activation / KV clipping logits (LAC); None:
-            1e-2 with static activations, 2e-3 with dynamic ones (:data:`DEFAULT_LAC_LR`).
-        lwc_lr: learning rate of the weight clipping logits (LWC); None: 1e-2 for
-            4-bit weights, 2e-3 for 8-bit (:data:`DEFAULT_LWC_LR`).
-        round_lr: learning rate of the rounding offsets; None: ``1 / steps`` with signed steps,
-            :data:`DEFAULT_ROUND_LR` with Adam.
-        round_optimizer: ``adam`` (the offsets in AdamW) or ``sign`` (SignRound's signed gradient
-            descent: no optimizer state, 8 bytes per weight less); None: by weight bits
-            (:data:`DEFAULT_ROUND_OPTIMIZER`).
-        weight_decay: AdamW weight decay.
-        batch_size: samples per step.
-        start_block_idx: first block to train.
-        end_block_idx: one past the last block (None: to the end).
-        train_mode: ``block`` (the whole block jointly), ``mla`` (the attention
-            sub-block and its KV cache) or ``moe`` (the MLP sub-block, expert by expert).
-        min_expert_tokens: routed experts with fewer calibration tokens keep RTN weights.
-        rtn: write round-to-nearest params, no training.
-        sequential: feed each block the output of the quantized blocks before it.
-        device: ``cpu`` or ``cuda:N``.
-        seed: shuffling seed.
-        ignore: module patterns kept in high precision.
-        overrides: per-target schemes on full module names (a recipe's ``overrides``), each deployed as a
-            config group of its own; the KV cache stays the scheme's.
+    cfg: TrainConfig
+    model: StreamingModel
+    manifest: DumpManifest
+    dump: DumpFiles
+    params: ParamDir
+    scheme: QuantScheme
+    targets: TargetSchemes | None
+    cos: Tensor
+    sin: Tensor
+
+    @property
+    def n(self) -> int:
+        """Calibration samples."""
+        return self.manifest.n_samples
+
+    @property
+    def seq(self) -> int:
+        """Tokens per sample."""
+        return self.manifest.seq_len
+
+    def inputs(self, idx: int, source: HiddenStore | None = None) -> Batches:
+        """The input batches of block ``idx``: its dumped boundary, or ``source`` (a sequential store)."""
+        source = self.dump.boundary(idx) if source is None else source
+        return Batches(source, self.model.device, self.model.dtype, str(boundary_path(self.cfg.data_dir, idx)))
+
+
+def open_run(cfg: TrainConfig, ranks: Ranks = Ranks()) -> TrainRun:
+    """Open the model in ``cfg``'s compute dtype, check that the dump was made from it, log the scheme's
+    serving notes, and bind the param dir to this run (removing what dead runs left there).
+
+    Raises:
+        DumpError: for a dump of another model.
+        ParamDirError: for a param dir of another run (finished blocks of another compute dtype are kept,
+            with a warning: :func:`note_other_dtypes`).
     """
+    manifest = DumpManifest.load(cfg.data_dir)
+    dump = DumpFiles(cfg.data_dir)
+    model = StreamingModel(cfg.model, device=ranks.device(cfg.device), dtype=cfg.compute_dtype)
+    fingerprint = model_fingerprint(model.reader)
+    if manifest.model_fingerprint != fingerprint:
+        raise DumpError(f"{cfg.data_dir} was dumped from another model (fingerprint {manifest.model_fingerprint}, "
+                        f"{cfg.model} is {fingerprint}); dump this model with extract_calib_data.py")
+    scheme, targets = cfg.quant_scheme, cfg.target_schemes
+    _log_serving_notes(cfg, model, scheme, targets)
+    params = ParamDir(cfg.output_dir)
+    params.bind(run_identity(cfg, model, manifest, fingerprint))  # atomic and idempotent: every rank checks
+    for stale in remove_stale_temps(params.path):  # only those of dead processes: concurrent jobs keep theirs
+        log.info("removed %s, left by an interrupted run", stale.name)
+    note_other_dtypes(params, cfg)
+    cos, sin = model.rotary(manifest.seq_len)
+    return TrainRun(cfg, model, manifest, dump, params, scheme, targets, cos, sin)
 
-    model: str
-    data_dir: str
-    output_dir: str
-    scheme: str = "w8a8c8"
-    act: str = "dynamic"
-    kv_format: str = "fp8"
-    act_format: str = "int8"
-    act_zero_point: bool = False
-    group_size: int | None = None
-    lwc: bool = True
-    lac: bool = True
-    rounding: bool = True
-    smooth: bool | None = None
-    smooth_lr: float | None = None
-    loss: str = "norm_mse"
-    epochs: int = 5
-    lr: float | None = None
-    lwc_lr: float | None = None
-    round_lr: float | None = None
-    round_optimizer: str | None = None
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    start_block_idx: int = 0
-    end_block_idx: int | None = None
-    train_mode: str = "block"
-    min_expert_tokens: int = 32
-    rtn: bool = False
-    sequential: bool = False
-    device: str = "cpu"
-    seed: int = 0
-    ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
-    overrides: tuple[SchemeOverride, ...] = ()
 
-    def __post_init__(self):
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"train_mode {self.train_mode!r}: choose one of {', '.join(TRAIN_MODES)}")
-        if self.smooth and self.train_mode != "block":
-            raise ValueError(f"--smooth folds scales across a whole block; with --train_mode {self.train_mode} "
-                             "pass --no-smooth")
-        if self.sequential and self.train_mode != "block":
-            raise ValueError("--sequential feeds whole quantized blocks forward; it needs --train_mode block")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.round_optimizer is not None and self.round_optimizer not in ROUND_OPTIMIZERS:
-            raise ValueError(f"round_optimizer {self.round_optimizer!r}: choose one of {', '.join(ROUND_OPTIMIZERS)}")
-        rates = [r for r in (self.lr, self.lwc_lr, self.round_lr, self.smooth_lr) if r is not None]
-        if self.epochs < 0 or any(r <= 0 for r in rates) or self.batch_size < 1:
-            raise ValueError(f"need epochs >= 0, lr > 0, lwc_lr > 0, batch_size >= 1 (got {self.epochs}, {self.lr}, "
-                             f"{self.lwc_lr}, {self.batch_size})")
-        if self.start_block_idx < 0 or (self.end_block_idx is not None and self.end_block_idx <= self.start_block_idx):
-            raise ValueError(f"empty block range [--start_block_idx {self.start_block_idx}, "
-                             f"--end_block_idx {self.end_block_idx})")
-        self.target_schemes  # validate early
+def _log_serving_notes(cfg: TrainConfig, model: StreamingModel, scheme: QuantScheme,
+                       targets: TargetSchemes | None) -> None:
+    """Warn about what vLLM cannot serve of the scheme (and of each override's) on this model."""
+    mode = cfg.train_mode
+    routed = getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
+    mla = getattr(model.config, "kv_lora_rank", None) is not None
+    for note in serving_notes(scheme, moe=bool(routed) and mode != "mla", mla=mla and mode != "moe"):
+        log.warning("%s: %s", cfg.model, note)
+    for other in (targets.schemes()[1:] if targets else ()):
+        for note in serving_notes(other, moe=bool(routed) and mode != "mla", mla=False):
+            log.warning("%s: override %s: %s", cfg.model, other.name, note)
 
-    @property
-    def quant_scheme(self) -> QuantScheme:
-        """The scheme these settings ask for (validated)."""
-        return get_scheme(self.scheme, act_mode=self.act, kv_format=self.kv_format, group_size=self.group_size,
-                          act_format=self.act_format, act_symmetric=not self.act_zero_point)
 
-    @property
-    def target_schemes(self) -> TargetSchemes | None:
-        """The scheme with the overrides (None: no overrides, one scheme for every linear)."""
-        return TargetSchemes(self.quant_scheme, tuple(self.overrides)) if self.overrides else None
+def run_identity(cfg: TrainConfig, model: StreamingModel, manifest: DumpManifest, fingerprint: str) -> dict:
+    """What the params of this run are made from (:meth:`~.params.ParamDir.bind`): a later job into the same
+    dir must agree on all of it."""
+    identity = {
+        "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
+        "dump": asdict(manifest), "scheme": scheme_identity(cfg.quant_scheme), "lwc": cfg.lwc, "lac": cfg.lac,
+        "rounding": cfg.learn_rounding, "smooth": cfg.learn_smooth,
+        "smooth_dtype": str(norm_dtype(model.reader)).removeprefix("torch.") if cfg.learn_smooth else None,
+        "ignore": list(cfg.ignore), "train_mode": cfg.train_mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
+    }
+    if cfg.overrides:  # absent otherwise: param dirs of runs without overrides keep their identity
+        identity["overrides"] = [o.to_dict() for o in cfg.overrides]
+    return identity
 
-    @property
-    def fit_options(self) -> FitOptions:
-        w_bits = self.quant_scheme.w_bits
-        return FitOptions(0 if self.rtn else self.epochs, self.lr or DEFAULT_LAC_LR[self.act], self.weight_decay,
-                          self.batch_size, self.seed, self.lwc_lr or DEFAULT_LWC_LR[w_bits],
-                          self.round_lr or (None if self.rounding_update == "sign" else DEFAULT_ROUND_LR),
-                          self.rounding_update, SMOOTH_ALPHAS if self.learn_smooth else (),
-                          self.smooth_lr or DEFAULT_SMOOTH_LR, clip_search=self.lac and not self.rtn)
 
-    @property
-    def rounding_update(self) -> str:
-        """``adam`` or ``sign``: the asked-for update of the rounding offsets, else the default for the bits."""
-        return self.round_optimizer or DEFAULT_ROUND_OPTIMIZER[self.quant_scheme.w_bits]
+def note_other_dtypes(params: ParamDir, cfg: TrainConfig) -> None:
+    """Warn when finished blocks of this mode were trained in another compute dtype; they are kept.
 
-    @property
-    def learn_rounding(self) -> bool:
-        """Rounding offsets are learned (and stored): asked for, and there is training."""
-        return self.rounding and not self.rtn and self.epochs > 0
+    The compute dtype changes the learned values, not which tensors there are (like the epochs or the
+    rates, it is in each block's record, not in the identity), so blocks of either dtype combine.
+    """
+    other = {}
+    for record in params.records(cfg.train_mode):
+        dtype = record.get("dtype", DEFAULT_DTYPE)
+        if dtype != cfg.dtype:
+            other.setdefault(dtype, []).append(record["block"])
+    for dtype, blocks in other.items():
+        log.warning("%s: %s block(s) %s were trained with --dtype %s and are kept; this run trains in %s",
+                    params.path, cfg.train_mode, blocks, dtype, cfg.dtype)
 
-    @property
-    def learn_smooth(self) -> bool:
-        """Smoothing scales are searched (and learned when there are epochs): asked for, and not RTN."""
-        return (self.train_mode == "block" if self.smooth is None else self.smooth) and not self.rtn
+
+def plan_blocks(cfg: TrainConfig, num_blocks: int, ranks: Ranks = Ranks()) -> list[int]:
+    """This rank's blocks of ``cfg``'s range (every ``world``-th one), clipped to the model's depth."""
+    end = num_blocks if cfg.end_block_idx is None else min(cfg.end_block_idx, num_blocks)
+    return ranks.share(range(cfg.start_block_idx, end))
+
+
+def load_quantized_block(run: TrainRun, idx: int) -> nn.Module:
+    """Block ``idx`` with its quantizers in, in ``FLOAT`` state: quantized weights in the checkpoint's dtype
+    (bf16: half the memory, read in fp32 by every forward), everything else in the compute dtype."""
+    cfg, model = run.cfg, run.model
+    block = quantize_block(model.load_block(idx, stored_dtype=True), run.scheme, cfg.ignore, cfg.lwc, cfg.lac,
+                           rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
+                           smooth_dtype=norm_dtype(model.reader), targets=run.targets,
+                           prefix=model.family.block_prefix(idx))
+    return cast_for_compute(block, model.dtype, model.family.fp32_suffixes)
 
 
 def train_block(block, xs: Batches, ys: Batches, n: int, cfg: TrainConfig, cos, sin, label: str,
@@ -213,10 +175,76 @@ def train_block(block, xs: Batches, ys: Batches, n: int, cfg: TrainConfig, cos, 
     Returns:
         ``(state, record)`` as :func:`~.fit.fit`; the block is left frozen with that state.
     """
-    if norm is None:
-        return fit(block, lambda rows: mse(block(xs.get(rows), cos, sin), ys.get(rows)), n, cfg.fit_options, label)
-    return fit(block, lambda rows: norm_mse(block(xs.get(rows), cos, sin), ys.get(rows), norm), n, cfg.fit_options,
-               label)
+    def batch_loss(rows):
+        out, target = block(xs.get(rows), cos, sin), ys.get(rows)
+        return mse(out, target) if norm is None else norm_mse(out, target, norm)
+
+    return fit(block, batch_loss, n, cfg.fit_options, label)
+
+
+def train_whole_block(run: TrainRun, idx: int, xs: Batches, label: str, start: float) -> nn.Module:
+    """``--train_mode block`` for block ``idx`` on inputs ``xs``: train it against the next dumped boundary and
+    save it, or, when it is done already (a sequential rerun), load its params.
+
+    Returns:
+        The block, frozen with its params (what a sequential run feeds forward).
+    """
+    block = load_quantized_block(run, idx)
+    if run.params.is_done(idx):  # sequential rerun: reuse the finished block to move the inputs on
+        load_quant_state(block, run.params.load_block(idx), str(run.params.params_path(idx)))
+        freeze(block)
+        return block
+    ys = run.inputs(idx + 1)
+    norm = run.model.reading_norm(idx) if run.cfg.loss == "norm_mse" else None
+    state, record = train_block(block, xs, ys, run.n, run.cfg, run.cos, run.sin, label, norm)
+    save_block(run, idx, state, record, start)
+    return block
+
+
+def train_sub_block(run: TrainRun, idx: int, xs: Batches, label: str, start: float) -> None:
+    """``--train_mode mla`` or ``moe`` for block ``idx`` on inputs ``xs`` (:mod:`.sub_blocks`), saved."""
+    cfg, model = run.cfg, run.model
+    job = SubBlockJob(model, run.scheme, tuple(cfg.ignore), cfg.lwc, cfg.lac, cfg.fit_options, xs, run.n, run.cos,
+                      run.sin, cfg.min_expert_tokens, cfg.learn_rounding, cfg.loss, run.targets,
+                      model.family.block_prefix(idx))
+    state, record = (train_attention if cfg.train_mode == "mla" else train_mlp)(idx, job, label)
+    save_block(run, idx, state, record, start)
+
+
+class SequentialInputs:
+    """``--sequential``: the inputs of the next block are the outputs of the quantized blocks before it.
+
+    Held in a bf16 :class:`~cores.models.hidden_store.HiddenStore`, starting as the dumped input of the
+    range's first block; :meth:`advance` runs a block over them in place. Close it (or use it as a context
+    manager) to free a file-backed store.
+    """
+
+    def __init__(self, run: TrainRun, first: int):
+        self.run, self.batch = run, run.cfg.batch_size
+        self.store = HiddenStore.create((run.n, run.seq, run.model.hidden_size), torch.bfloat16)
+        dumped = run.dump.boundary(first)
+        for lo in range(0, run.n, self.batch):
+            self.store.write(lo, dumped.read(lo, lo + self.batch))
+
+    def batches(self, idx: int) -> Batches:
+        """The current states as block ``idx``'s input batches."""
+        return self.run.inputs(idx, self.store)
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module, xs: Batches) -> None:
+        """Replace the states by ``block``'s outputs on them (``xs``: :meth:`batches` of the block)."""
+        n = self.run.n
+        for lo in range(0, n, self.batch):
+            self.store.write(lo, block(xs.get(range(lo, min(n, lo + self.batch))), self.run.cos, self.run.sin))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> SequentialInputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
@@ -227,103 +255,50 @@ def run_training(cfg: TrainConfig, ranks: Ranks = Ranks()) -> ParamDir:
     """
     if ranks.world > 1 and cfg.sequential:
         raise ValueError("--sequential chains the blocks and cannot be split over ranks; run it in one process")
-    manifest = DumpManifest.load(cfg.data_dir)
-    dump = DumpFiles(cfg.data_dir)
-    model = StreamingModel(cfg.model, device=ranks.device(cfg.device), dtype=torch.float32)
-    fingerprint = model_fingerprint(model.reader)
-    if manifest.model_fingerprint != fingerprint:
-        raise DumpError(f"{cfg.data_dir} was dumped from another model (fingerprint {manifest.model_fingerprint}, "
-                        f"{cfg.model} is {fingerprint}); dump this model with extract_calib_data.py")
-    scheme = cfg.quant_scheme
+    run = open_run(cfg, ranks)
+    blocks = plan_blocks(cfg, run.model.num_blocks, ranks)
     mode = cfg.train_mode
-    routed = getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
-    mla = getattr(model.config, "kv_lora_rank", None) is not None
-    for note in serving_notes(scheme, moe=bool(routed) and mode != "mla", mla=mla and mode != "moe"):
-        log.warning("%s: %s", cfg.model, note)
-    params = ParamDir(cfg.output_dir)
-    identity = {
-        "model_fingerprint": fingerprint, "model_type": model.config.model_type, "num_blocks": model.num_blocks,
-        "dump": asdict(manifest), "scheme": scheme_identity(scheme), "lwc": cfg.lwc, "lac": cfg.lac,
-        "rounding": cfg.learn_rounding, "smooth": cfg.learn_smooth,
-        "smooth_dtype": str(norm_dtype(model.reader)).removeprefix("torch.") if cfg.learn_smooth else None,
-        "ignore": list(cfg.ignore), "train_mode": mode, "rtn": cfg.rtn, "sequential": cfg.sequential,
-    }
-    if cfg.overrides:  # absent otherwise: param dirs of runs without overrides keep their identity
-        identity["overrides"] = [o.to_dict() for o in cfg.overrides]
-    targets = cfg.target_schemes
-    for other in (targets.schemes()[1:] if targets else ()):
-        for note in serving_notes(other, moe=bool(routed) and mode != "mla", mla=False):
-            log.warning("%s: override %s: %s", cfg.model, other.name, note)
-    params.bind(identity)  # atomic and idempotent: every rank checks for itself, all refuse alike
-    for stale in remove_stale_temps(params.path):  # only those of dead processes: concurrent jobs keep theirs
-        log.info("removed %s, left by an interrupted run", stale.name)
-    end = model.num_blocks if cfg.end_block_idx is None else min(cfg.end_block_idx, model.num_blocks)
-    blocks = ranks.share(range(cfg.start_block_idx, end))
-    n, seq = manifest.n_samples, manifest.seq_len
-    cos, sin = model.rotary(seq)
-    store = None
-    if cfg.sequential:
-        store = HiddenStore.create((n, seq, model.hidden_size), torch.bfloat16)
-        first = dump.boundary(blocks[0])
-        for lo in range(0, n, cfg.batch_size):
-            store.write(lo, first.read(lo, lo + cfg.batch_size))
-    what = scheme.name if mode == "block" else f"{mode} {scheme.name}"
-    try:
-        for idx in tqdm(blocks, desc=f"{what} blocks" + (f" rank {ranks.rank}" if ranks.world > 1 else ""),
-                        unit="block"):
-            label = f"block {idx + 1}/{model.num_blocks}"
-            if params.is_done(idx, mode) and not cfg.sequential:
+    what = run.scheme.name if mode == "block" else f"{mode} {run.scheme.name}"
+    bar = f"{what} blocks" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
+    with SequentialInputs(run, blocks[0]) if cfg.sequential and blocks else nullcontext() as sequential:
+        for idx in tqdm(blocks, desc=bar, unit="block"):
+            label = f"block {idx + 1}/{run.model.num_blocks}"
+            if run.params.is_done(idx, mode) and sequential is None:
                 log.info("%s: %s done already, skipped", label, mode)
                 continue
             start = time.perf_counter()
-            source = store if cfg.sequential else dump.boundary(idx)
-            xs = Batches(source, model.device, model.dtype, str(boundary_path(cfg.data_dir, idx)))
-            if mode == "block":
-                # quantized weights stay in the checkpoint's bf16, all else in fp32: a block's weights take
-                # half the memory and every forward computes as with an fp32 copy
-                block = quantize_block(model.load_block(idx, stored_dtype=True), scheme, cfg.ignore, cfg.lwc,
-                                       cfg.lac, rounding=cfg.learn_rounding, smooth=cfg.learn_smooth,
-                                       smooth_dtype=norm_dtype(model.reader), targets=targets,
-                                       prefix=model.family.block_prefix(idx))
-                promote_unquantized(block, model.dtype)
-                if params.is_done(idx):  # sequential rerun: reuse the finished block to move the inputs on
-                    load_quant_state(block, params.load_block(idx), str(params.params_path(idx)))
-                    freeze(block)
-                else:
-                    ys = Batches(dump.boundary(idx + 1), model.device, model.dtype,
-                                 str(boundary_path(cfg.data_dir, idx + 1)))
-                    norm = model.reading_norm(idx) if cfg.loss == "norm_mse" else None
-                    state, record = train_block(block, xs, ys, n, cfg, cos, sin, label, norm)
-                    _save(params, idx, state, record, cfg, scheme, n, seq, start)
-                if store is not None:
-                    with torch.no_grad():
-                        for lo in range(0, n, cfg.batch_size):
-                            store.write(lo, block(xs.get(range(lo, min(n, lo + cfg.batch_size))), cos, sin))
-                del block
-            else:
-                job = SubBlockJob(model, scheme, tuple(cfg.ignore), cfg.lwc, cfg.lac, cfg.fit_options, xs, n, cos, sin,
-                                  cfg.min_expert_tokens, cfg.learn_rounding, cfg.loss, targets,
-                                  model.family.block_prefix(idx))
-                state, record = (train_attention if mode == "mla" else train_mlp)(idx, job, label)
-                _save(params, idx, state, record, cfg, scheme, n, seq, start)
-    finally:
-        if store is not None:
-            store.close()
+            xs = run.inputs(idx) if sequential is None else sequential.batches(idx)
+            if mode != "block":
+                train_sub_block(run, idx, xs, label, start)
+                continue
+            block = train_whole_block(run, idx, xs, label, start)
+            if sequential is not None:
+                sequential.advance(block, xs)
+            del block  # freed before the next block is read
     ranks.barrier()
-    return params
+    return run.params
 
 
-def _save(params: ParamDir, idx: int, state: dict, record: dict, cfg: TrainConfig, scheme, n: int, seq: int,
-          start: float) -> None:
-    record.update(block=idx, train_mode=cfg.train_mode, scheme=scheme.name, act=scheme.act_mode, act_format=scheme.act_format,
-                  kv_format=scheme.kv_format, group_size=scheme.group_size, epochs=cfg.epochs, lr=cfg.fit_options.lr,
-                  lwc_lr=cfg.fit_options.lwc_lr, rounding=cfg.learn_rounding,
-                  round_lr=record.get("round_lr", cfg.fit_options.round_lr),
-                  round_optimizer=cfg.rounding_update, loss=cfg.loss, smooth=cfg.learn_smooth,
-                  smooth_lr=cfg.fit_options.smooth_lr,
-                  batch_size=cfg.batch_size, n_samples=n, seq_len=seq, sequential=cfg.sequential, rtn=cfg.rtn,
-                  seconds=round(time.perf_counter() - start, 3))
-    params.save_block(idx, state, record, cfg.train_mode)
+def block_record(run: TrainRun, idx: int, record: dict, start: float) -> dict:
+    """``record`` (from :func:`~.fit.fit` or a sub-block mode) with the run's settings and the block's time."""
+    cfg, scheme, opts = run.cfg, run.scheme, run.cfg.fit_options
+    record.update(block=idx, train_mode=cfg.train_mode, scheme=scheme.name, act=scheme.act_mode,
+                  act_format=scheme.act_format, kv_format=scheme.kv_format, group_size=scheme.group_size,
+                  epochs=cfg.epochs, lr=opts.lr, lwc_lr=opts.lwc_lr, rounding=cfg.learn_rounding,
+                  round_lr=record.get("round_lr", opts.round_lr), round_optimizer=cfg.rounding_update, loss=cfg.loss,
+                  smooth=cfg.learn_smooth, smooth_lr=opts.smooth_lr, batch_size=cfg.batch_size, n_samples=run.n,
+                  seq_len=run.seq, sequential=cfg.sequential, rtn=cfg.rtn)
+    if cfg.dtype != DEFAULT_DTYPE:  # absent in float32, as in the records written before --dtype
+        record["dtype"] = cfg.dtype
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def save_block(run: TrainRun, idx: int, state: dict, record: dict, start: float) -> None:
+    """Write block ``idx``'s params and record (:func:`block_record`) into the param dir, and log its losses."""
+    cfg = run.cfg
+    record = block_record(run, idx, record, start)
+    run.params.save_block(idx, state, record, cfg.train_mode)
     rtn_experts = record.get("rtn_experts")
     log.info("block %d %s: mse rtn %.4g -> learned %.4g%s%s (%.1f s)", idx, cfg.train_mode, record["loss_rtn"],
              record["loss_learned"], " (kept RTN)" if record["fallback_to_rtn"] else "",

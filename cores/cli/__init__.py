@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -186,18 +186,27 @@ def command_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(cls: type, a: argparse.Namespace, rename: dict[str, str] | None = None):
+def config_from_args(cls: type, a: argparse.Namespace, rename: dict[str, str] | None = None,
+                     base: dict | None = None, skip: Sequence[str] = ()):
     """``cls`` (a run config dataclass) from ``a.config``'s YAML file and the flags that were given.
 
-    Precedence: the dataclass defaults < the YAML file < the flags (argparse defaults must be None, so a flag
-    not given does not hide the file's value). ``--dev`` fills the ``device`` field.
+    Precedence: the dataclass defaults < ``base`` < the YAML file < the flags (argparse defaults must be None,
+    so a flag not given does not hide the file's value). ``--dev`` fills the ``device`` field.
+
+    Args:
+        cls: the config dataclass.
+        a: the parsed flags; every entry but ``config`` and ``skip`` names a field (after ``rename``).
+        rename: flag name -> field name, besides ``dev`` -> ``device``.
+        base: field values below the YAML file's (a recipe's training options).
+        skip: entries of ``a`` that are not fields (flags the command resolved itself).
 
     Raises:
         ValueError: for a YAML key that is not a field (naming the valid ones) and for a required field that
             neither gives.
     """
     names = {"dev": "device", **(rename or {})}
-    return build_config(cls, a.config, {names.get(k, k): v for k, v in vars(a).items() if k != "config"})
+    flags = {names.get(k, k): v for k, v in vars(a).items() if k != "config" and k not in skip}
+    return build_config(cls, a.config, flags, base=base)
 
 
 def device_flag(a: argparse.Namespace) -> str:

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> DeployConfig:
                    help="activation codes (default: the param dir's, else int8); fp8 needs dynamic activations "
                         "and a w4 scheme")
     p.add_argument("--group_size", type=at_least(1), help="W4 group size (default: the param dir's, else 128)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype of the float tensors written unquantized (embeddings, norms, lm_head, biases; with "
+                        "bfloat16 the dequantized weights too) and of config.json; auto (default): as stored")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
     p.add_argument("--verify_samples", type=at_least(1),
                    help="verify N quantized tensors drawn at random (default: all)")

@@ -19,14 +19,20 @@ import dataclasses
 import logging
 
 from ..calibrator.params import TRAIN_MODES
-from ..calibrator.trainer import ROUND_OPTIMIZERS, TrainConfig, run_training, summarize
+from ..calibrator.train_config import ROUND_OPTIMIZERS, TRAIN_DTYPES, TrainConfig
+from ..calibrator.trainer import run_training, summarize
 from ..quantization import scheme_name, scheme_names
-from ..utils.config import build_config, load_yaml
+from ..utils.config import load_yaml
 from ..utils.distributed import distributed
 from ..utils.logging import setup_logging
-from . import UsageError, at_least, check_device, check_output_dir, command_parser, device_flag, run_main
+from . import (UsageError, at_least, check_device, check_output_dir, command_parser, config_from_args, device_flag,
+               run_main)
 
 log = logging.getLogger("main")
+
+SEED_SPELLINGS = ("w_bits", "a_bits", "cls", "q_bits", "k_bits", "v_bits")
+"""The seed's flags: resolved into ``--scheme`` (:func:`scheme_from_bits`) or accepted and unused, no config
+fields."""
 
 
 def scheme_from_bits(w_bits: int | None, a_bits: int | None, cls: str | None) -> str | None:
@@ -94,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--sequential", action="store_true", default=None,
                    help="inputs = outputs of the quantized blocks before (slower, compensates error)")
     p.add_argument("--dev", help="cpu, cuda:N, or N (default cpu)")
+    p.add_argument("--dtype", choices=list(TRAIN_DTYPES),
+                   help="compute dtype (default float32); bfloat16: hidden states, norms, attention and unquantized "
+                        "layers in bf16 (less activation memory; for GPUs, slower on CPU), quantized linears, "
+                        "learned tensors and the loss in fp32")
     p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
     seed = p.add_argument_group("seed spellings", "accepted for compatibility; they map onto --scheme")
     seed.add_argument("--w_bits", type=int, choices=[4, 8])
@@ -106,17 +116,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     from_bits = scheme_from_bits(a.w_bits, a.a_bits, a.cls)
     if from_bits and a.scheme and from_bits != a.scheme:
         p.error(f"--scheme {a.scheme} contradicts --w_bits/--cls ({from_bits})")
-    flags = {k: getattr(a, k) for k in ("model", "data_dir", "output_dir", "act", "act_format", "act_zero_point",
-                                        "kv_format", "group_size", "lwc", "lac", "rounding", "smooth", "smooth_lr",
-                                        "loss", "epochs", "lr", "lwc_lr", "round_lr", "round_optimizer",
-                                        "weight_decay", "batch_size",
-                                        "start_block_idx", "end_block_idx", "train_mode", "min_expert_tokens", "rtn",
-                                        "sequential", "seed")}
-    flags.update(scheme=a.scheme or from_bits)
-    cfg = build_config(TrainConfig, a.config, flags, base=_recipe_options(a.recipe, a.config, flags["model"]))
+    a.scheme = a.scheme or from_bits
+    cfg = config_from_args(TrainConfig, a, base=_recipe_options(a.recipe, a.config, a.model),
+                           skip=("recipe", *SEED_SPELLINGS))
     check_output_dir("--output_dir", cfg.output_dir)
-    device = check_device(device_flag(a), cfg.device if a.dev is None else a.dev)
-    return dataclasses.replace(cfg, device=device), a
+    return dataclasses.replace(cfg, device=check_device(device_flag(a), cfg.device)), a
 
 
 def _recipe_options(recipe_path: str | None, yaml_path: str | None, model: str | None) -> dict | None:

@@ -6,7 +6,8 @@ every :class:`QuantLinear` named ``N`` yields ``N.<name>`` for each of its
 qparams (``weight``/``weight_packed``, ``weight_scale``, ``weight_shape``,
 ``input_scale``), every KV quantizer on an attention cache hook yields the scales
 of :data:`~cores.formats.compressed_tensors.KV_SCALE_NAMES`, and every other tensor of the
-block is passed through from the source as stored (FP8 dequantized to bf16).
+block is passed through from the source as stored (FP8 dequantized to bf16), or in
+``deploy.py --dtype``.
 MoE experts are linears like any other, so their tensors keep their on-disk names
 (``mlp.experts.<e>.gate_proj.weight`` ...). Tensors outside the blocks pass
 through the same way, DeepSeek's multi-token-prediction layer included.
@@ -32,11 +33,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..formats.compressed_tensors import KV_SCALE_NAMES
-from ..models.streaming import BlockTransform, StreamingModel
+from ..models.run import BlockTransform
+from ..models.streaming import StreamingModel
 from ..quantization import KVQuantizer, QuantLinear, QuantScheme, TargetSchemes, Workspace
 from ..quantization.block import quantize_block
 from ..quantization.smoothing import Smoother
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
+from .pack import iter_weight_qparams, weight_qparam_specs
 from .verify import WeightCheck
 from .writer import ShardedWriter, StagedOutput, TensorSpec, cut_into_shards, shard_names
 
@@ -49,15 +52,45 @@ class Entry:
     write: Callable[[ShardedWriter], None]
 
 
-def source_entry(reader: CheckpointReader, keys: list[str], check: Set[str] = frozenset()) -> Entry:
+@dataclass(frozen=True)
+class Passthrough:
+    """The dtype of the tensors a deploy writes unquantized (``deploy.py --dtype``).
+
+    Attributes:
+        dtype: what 16- and 32-bit float tensors are written in; None: as stored (FP8 weights that a
+            ``bfloat16`` deploy dequantizes: bf16).
+        keep: name suffixes written as stored whatever ``dtype`` says: FP8 scales and the tensors a
+            family keeps in fp32 (DeepSeek's router bias).
+    """
+
+    dtype: torch.dtype | None = None
+    keep: tuple[str, ...] = (SCALE_INV_SUFFIX,)
+
+    def dtype_of(self, key: str, stored: torch.dtype) -> torch.dtype:
+        """The dtype tensor ``key``, read as ``stored``, is written in."""
+        if self.dtype is None or not stored.is_floating_point or stored.itemsize < 2 or key.endswith(self.keep):
+            return stored
+        return self.dtype
+
+
+AS_STORED = Passthrough()
+
+
+def source_entry(reader: CheckpointReader, keys: list[str], check: Set[str] = frozenset(),
+                 passthrough: Passthrough = AS_STORED) -> Entry:
     """Source tensors ``keys`` as read (FP8 weights dequantized a few rows at a time), read together.
 
     Args:
         reader: The source.
         keys: Tensor names.
         check: Those of ``keys`` whose values to check (bf16 weights dequantized from FP8).
+        passthrough: The dtype they are written in.
     """
-    specs = [TensorSpec(key, *reader.spec(key)) for key in keys]
+    specs = []
+    for key in keys:
+        dtype, shape = reader.spec(key)
+        specs.append(TensorSpec(key, passthrough.dtype_of(key, dtype), shape))
+    cast = {s.name: s.dtype for s in specs}
     checks = {s.name: s for s in specs if s.name in check}
 
     def write(writer: ShardedWriter) -> None:
@@ -69,7 +102,7 @@ def source_entry(reader: CheckpointReader, keys: list[str], check: Set[str] = fr
                 rows[key] += piece.shape[0]
                 if rows[key] == checks[key].shape[0]:
                     writer.add_check(key, weight_checks[key].result())
-            writer.write(key, piece)
+            writer.write(key, piece.to(cast[key]))
 
     return Entry(specs, write)
 
@@ -82,13 +115,13 @@ def _linear_entry(name: str, linear: QuantLinear, check: bool, workspace: Worksp
     """The qparams of ``linear`` (full name ``name``): codes streamed in runs of rows, then scales."""
     quantizer = linear.weight_quantizer
     inputs = {} if linear.input_quantizer is None else linear.input_quantizer.get_qparams()
-    specs = [TensorSpec(f"{name}.{k}", dtype, shape) for k, (dtype, shape) in quantizer.qparam_specs().items()]
+    specs = [TensorSpec(f"{name}.{k}", dtype, shape) for k, (dtype, shape) in weight_qparam_specs(quantizer).items()]
     specs += [TensorSpec.of(f"{name}.{k}", v) for k, v in inputs.items()]
 
     def write(writer: ShardedWriter) -> None:
         weight_check = WeightCheck(name, quantizer.bits, workspace) if check else None
         rows = math.prod(quantizer.shape[:-1])
-        for key, tensor, chunk in quantizer.iter_qparams(linear.export_weight(), workspace):
+        for key, tensor, chunk in iter_weight_qparams(quantizer, linear.export_weight(), workspace):
             if chunk is not None and weight_check is not None:  # the codes written, as floats (W4: unpacked)
                 weight_check.update(chunk.weight, chunk.levels, chunk.scale, overwrite=True)
                 if chunk.rows.stop == rows:
@@ -101,7 +134,7 @@ def _linear_entry(name: str, linear: QuantLinear, check: bool, workspace: Worksp
 
 
 def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check: Set[str] = frozenset(),
-                  workspace: Workspace | None = None) -> list[Entry]:
+                  workspace: Workspace | None = None, passthrough: Passthrough = AS_STORED) -> list[Entry]:
     """The deployed tensors of a quantized block (real, or on the meta device for the plan), in output order.
 
     Args:
@@ -110,13 +143,16 @@ def block_entries(block: nn.Module, prefix: str, reader: CheckpointReader, check
         reader: The source, for the tensors passed through.
         check: Full names of the linears to verify.
         workspace: Scratch buffers of the chunked quantization (keep one for every block).
+        passthrough: The dtype of the float tensors written unquantized (norms, biases, routers ...).
     """
     workspace = Workspace() if workspace is None else workspace
     linears = {name: m for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     rewritten = _smoothed_tensors(block)
     replaced = {f"{prefix}{name}.weight" for name in linears} | {prefix + name for name in rewritten}
-    entries = [source_entry(reader, [key for key in reader.keys_with_prefix(prefix) if key not in replaced])]
-    entries += [_tensor_entry(prefix + name, tensor) for name, tensor in rewritten.items()]
+    entries = [source_entry(reader, [key for key in reader.keys_with_prefix(prefix) if key not in replaced],
+                            passthrough=passthrough)]
+    entries += [_tensor_entry(prefix + name, tensor.to(passthrough.dtype_of(prefix + name, tensor.dtype)))
+                for name, tensor in rewritten.items()]
     for name, module in block.named_modules():
         if name in linears:
             entries.append(_linear_entry(prefix + name, module, prefix + name in check, workspace))
@@ -157,7 +193,7 @@ def _layer_of(key: str, model: StreamingModel) -> int | None:
     return int(idx) if not head and idx.isdigit() else None
 
 
-def _outside_units(model: StreamingModel) -> tuple[list[tuple[str, Entry]], list[str]]:
+def _outside_units(model: StreamingModel, passthrough: Passthrough) -> tuple[list[tuple[str, Entry]], list[str]]:
     """Units for the tensors outside the decoder blocks, passed through as read, and the linears among them.
 
     One unit per top-level tensor (embeddings, final norm, ``lm_head``) and one per
@@ -172,10 +208,10 @@ def _outside_units(model: StreamingModel) -> tuple[list[tuple[str, Entry]], list
         if key.endswith(SCALE_INV_SUFFIX) or (layer is not None and layer < model.num_blocks):
             continue
         if layer is None:
-            units.append((f"{key}: copy", source_entry(reader, [key])))
+            units.append((f"{key}: copy", source_entry(reader, [key], passthrough=passthrough)))
         else:
             extra.setdefault(layer, []).append(key)
-    units += [(f"layer {layer} (after the last block): copy", source_entry(reader, keys))
+    units += [(f"layer {layer} (after the last block): copy", source_entry(reader, keys, passthrough=passthrough))
               for layer, keys in sorted(extra.items())]
     linears = [key.removesuffix(".weight") for keys in extra.values() for key in keys
                if key.endswith(".weight") and len(reader.spec(key)[1]) == 2]
@@ -202,7 +238,8 @@ class ExportPlan:
 
 
 def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], transform: BlockTransform,
-                smooth: torch.dtype | None = None, targets: TargetSchemes | None = None) -> ExportPlan:
+                smooth: torch.dtype | None = None, targets: TargetSchemes | None = None,
+                passthrough: Passthrough = AS_STORED) -> ExportPlan:
     """Every unit of a quantized deploy, with the tensors it makes; every block is built on the meta device.
 
     Args:
@@ -212,13 +249,14 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
         transform: ``(idx, block) -> quantized block`` (learned params or round-to-nearest).
         smooth: the dtype of the transform's smoothers (the norm weights and biases they rewrite); None: none.
         targets: the per-target schemes the transform applies (None: ``scheme`` for every linear).
+        passthrough: the dtype of the tensors written unquantized.
 
     Raises:
         ValueError: Naming the layer a scheme cannot take.
     """
     reader, family = model.reader, model.family
     plan = ExportPlan()
-    plan.units, extra_linears = _outside_units(model)
+    plan.units, extra_linears = _outside_units(model, passthrough)
     plan.kept = [family.lm_head_key.removesuffix(".weight"), *extra_linears,
                  *(f"re:{re.escape(prefix)}.*" for prefix in family.passthrough)]  # a vision tower, as stored
     block_specs = []
@@ -234,13 +272,14 @@ def plan_export(model: StreamingModel, scheme: QuantScheme, ignore: list[str], t
                 plan.schemes[prefix + name] = module.scheme
             elif isinstance(module, nn.Linear) or _is_router(module):
                 plan.kept.append(prefix + name)
-        block_specs.append(_specs(block_entries(block, prefix, reader)))
+        block_specs.append(_specs(block_entries(block, prefix, reader, passthrough=passthrough)))
     plan.check = set(plan.quantized)
     workspace = Workspace()
 
     def write_block(idx: int, writer: ShardedWriter) -> None:
         prefix = family.block_prefix(idx)
-        entries = block_entries(transform(idx, model.load_block(idx)), prefix, reader, plan.check, workspace)
+        entries = block_entries(transform(idx, model.load_block(idx)), prefix, reader, plan.check, workspace,
+                                passthrough)
         if _specs(entries) != block_specs[idx]:
             raise RuntimeError(f"block {idx}: the quantized block does not make the planned tensors")
         for entry in entries:

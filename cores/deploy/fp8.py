@@ -2,7 +2,7 @@
 
 Each output shard holds the tensors of the input shard of the same name, every
 FP8 weight multiplied out with its 128x128 ``weight_scale_inv`` to bf16 (the
-scales dropped), every other tensor unchanged. FP8 weights are converted and
+scales dropped), every other tensor unchanged (``--dtype``: both in that dtype instead). FP8 weights are converted and
 written a few tile rows at a time: memory is a few buffers, whatever the shard.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from tqdm.auto import tqdm
 
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
-from .export import source_entry
+from .export import AS_STORED, Passthrough, source_entry
 from .writer import DeployError, ShardedWriter, StagedOutput
 
 
@@ -22,21 +23,28 @@ def fp8_weights(reader: CheckpointReader) -> list[str]:
     return [k for k in reader.keys if reader.has(k + SCALE_INV_SUFFIX)]
 
 
-def bf16_config(config: dict) -> dict:
-    """``config.json`` without the FP8 ``quantization_config``, with a bf16 dtype."""
-    out = {k: v for k, v in config.items() if k != "quantization_config"}
+def with_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """``config`` declaring ``dtype`` (in ``torch_dtype``, and in ``dtype`` where newer transformers wrote it)."""
+    out = dict(config)
     for key in [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]:
-        out[key] = "bfloat16"
+        out[key] = str(dtype).removeprefix("torch.")
     return out
 
 
-def export_bf16(reader: CheckpointReader, staged: StagedOutput, check: Iterable[str] | None = None) -> dict[str, str]:
+def bf16_config(config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """``config.json`` without the FP8 ``quantization_config``, declaring ``dtype`` (bf16 unless ``--dtype``)."""
+    return with_dtype({k: v for k, v in config.items() if k != "quantization_config"}, dtype)
+
+
+def export_bf16(reader: CheckpointReader, staged: StagedOutput, check: Iterable[str] | None = None,
+                passthrough: Passthrough = AS_STORED) -> dict[str, str]:
     """Write the dequantized shards; shards recorded as done are skipped.
 
     Args:
         reader: The FP8 source.
         staged: The staged output.
         check: Names of the FP8 weights to check (None: all).
+        passthrough: The dtype of what is written (as stored: bf16 for the dequantized weights).
 
     Raises:
         DeployError: When the source holds no FP8 weight.
@@ -53,7 +61,7 @@ def export_bf16(reader: CheckpointReader, staged: StagedOutput, check: Iterable[
     for shard in sorted(set(reader.weight_map.values())):
         keys = [k for k, f in reader.weight_map.items() if f == shard and not k.endswith(SCALE_INV_SUFFIX)]
         if keys:
-            shards.append((shard, source_entry(reader, keys, check)))
+            shards.append((shard, source_entry(reader, keys, check, passthrough)))
     with ShardedWriter(staged, [(shard, entry.specs) for shard, entry in shards]) as writer, \
             tqdm(shards, unit="shard") as bar:
         for i, (_, entry) in enumerate(bar):

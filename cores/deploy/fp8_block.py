@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..quantization import Workspace
 from ..quantization.fp8_block import Fp8BlockConfig, channel_weights, iter_quantize_fp8_block, scale_grid
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader
-from .export import Entry, source_entry
+from .export import AS_STORED, Entry, Passthrough, source_entry
 from .fp8_stats import ActStats
 from .verify import WeightCheck
 from .writer import DeployError, ShardedWriter, StagedOutput, TensorSpec
@@ -193,7 +193,8 @@ def _fp8_entry(reader: CheckpointReader, key: str, cfg: Fp8BlockConfig, stats: A
 
 
 def export_fp8(reader: CheckpointReader, staged: StagedOutput, plan: Fp8Plan, cfg: Fp8BlockConfig,
-               stats: ActStats | None = None, check: set[str] | None = None) -> dict[str, str]:
+               stats: ActStats | None = None, check: set[str] | None = None,
+               passthrough: Passthrough = AS_STORED) -> dict[str, str]:
     """Write the FP8 shards (one per input shard, same names); shards recorded as done are skipped.
 
     Args:
@@ -203,6 +204,7 @@ def export_fp8(reader: CheckpointReader, staged: StagedOutput, plan: Fp8Plan, cf
         cfg: How the tile scales are chosen.
         stats: Activation statistics (activation-aware scales), or None.
         check: Weights to verify (None: all converted).
+        passthrough: The dtype of the tensors that stay unconverted.
 
     Returns:
         The weight map of the written index.
@@ -216,7 +218,7 @@ def export_fp8(reader: CheckpointReader, staged: StagedOutput, plan: Fp8Plan, cf
         entries = []
         plain = [k for k in keys if k not in converted]
         if plain:
-            entries.append(source_entry(reader, plain))
+            entries.append(source_entry(reader, plain, passthrough=passthrough))
         entries += [_fp8_entry(reader, k, cfg, stats, k in check, workspace) for k in keys if k in converted]
         shards.append((shard, entries))
     specs = [(shard, [s for e in entries for s in e.specs]) for shard, entries in shards]

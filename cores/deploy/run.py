@@ -21,14 +21,15 @@ from torch import nn
 from ..calibrator.params import open_params, smooth_dtype
 from ..formats.compressed_tensors import quantization_config
 from ..models.registry import UnsupportedModelError, get_family
-from ..models.streaming import BlockTransform, StreamingModel
+from ..models.run import BlockTransform
+from ..models.streaming import StreamingModel
 from ..quantization import DEFAULT_IGNORE, QuantScheme, TargetSchemes, get_scheme, scheme_names, serving_notes
 from ..quantization.block import quantize_block
 from ..quantization.fp8_block import Fp8BlockConfig
 from ..utils.checkpoint import SCALE_INV_SUFFIX, CheckpointReader, model_fingerprint
 from ..utils.io import atomic_write_text, load_json
-from .export import export_units, plan_export
-from .fp8 import bf16_config, export_bf16, fp8_weights
+from .export import AS_STORED, Passthrough, export_units, plan_export
+from .fp8 import bf16_config, export_bf16, fp8_weights, with_dtype
 from .fp8_block import export_fp8, fp8_config, plan_fp8
 from .fp8_stats import ActStats, check_dump, collect_act_stats, dump_identity
 from .verify import BANDS, FP8_BANDS, fp8_recommendations, log_table, sample, summary
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 BF16 = "bfloat16"
 FP8 = "fp8"
 _FP8_OPTIONS = ("fp8_mode", "fp8_k", "fp8_percentile", "fp8_grid", "calib_dir")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""``--dtype`` choices besides ``auto`` (as stored)."""
 
 
 def quant_types() -> list[str]:
@@ -73,6 +76,11 @@ class DeployConfig:
         fp8_grid: ``fp8`` ``mse``: clip factors tried.
         calib_dir: ``fp8``: a calibration dump (``extract_calib_data.py``) whose activation statistics weight
             the scales' error per input channel (activation-aware; not with ``max``).
+        dtype: what the float tensors written unquantized (embeddings, norms, ``lm_head``, biases, routers,
+            ignored linears; ``bfloat16``: the dequantized weights too) are written in, and the dtype
+            ``config.json`` declares: ``auto`` (as stored; bf16 for FP8 weights dequantized), ``bfloat16``,
+            ``float16`` or ``float32``. Scales, and the tensors a family keeps in fp32 (DeepSeek's router
+            bias), are written as stored.
     """
 
     input_weight_path: str
@@ -94,8 +102,11 @@ class DeployConfig:
     fp8_percentile: float | None = None
     fp8_grid: int | None = None
     calib_dir: str | None = None
+    dtype: str = "auto"
 
     def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise DeployError(f"unknown dtype {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
         if self.quant_type not in quant_types():
             raise DeployError(f"unknown quant_type {self.quant_type!r}; valid: {', '.join(quant_types())}")
         fp8_given = [k for k in _FP8_OPTIONS if getattr(self, k) is not None]
@@ -123,6 +134,17 @@ class DeployConfig:
         if Path(self.input_weight_path).resolve() == Path(self.output_weight_path).resolve():
             raise DeployError("the output folder must differ from the input folder")
         parse_size(self.max_shard_size)
+
+    def passthrough(self, reader: CheckpointReader) -> Passthrough:
+        """The dtype of the tensors this deploy writes unquantized (:attr:`dtype`), for ``reader``'s model.
+
+        Raises:
+            UnsupportedModelError: for a ``--dtype`` on a model type we do not know (its fp32 tensors unknown).
+        """
+        if self.dtype == "auto":
+            return AS_STORED
+        return Passthrough(DTYPES[self.dtype], (SCALE_INV_SUFFIX, *get_family(reader.config.get("model_type"))
+                                                .fp32_suffixes))
 
     def fp8_block_config(self) -> Fp8BlockConfig:
         """The tile-scale settings of an ``fp8`` deploy (defaults of :class:`Fp8BlockConfig` where not given).
@@ -183,8 +205,8 @@ def resolve_scheme(cfg: DeployConfig, model: StreamingModel
     """The scheme, ignore patterns, quantizing transform, param identity and per-target schemes of a deploy.
 
     The transform is :meth:`ParamDir.block_transform`, the one the fake-quant
-    evaluation uses, without the freeze: ``get_qparams()`` quantizes each weight
-    once from that state.
+    evaluation uses, without the freeze: :func:`~cores.deploy.pack.iter_weight_qparams`
+    quantizes each weight once from that state.
 
     Raises:
         DeployError: When the options contradict the param dir, or ask RTN for
@@ -264,8 +286,8 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
         to_verify, scheme = fp8_weights(reader), None
         if staged.committed:
             return staged, reader, scheme, to_verify
-        export_bf16(reader, staged, sample(to_verify, cfg.verify_samples, cfg.seed))
-        config = bf16_config(reader.config)
+        export_bf16(reader, staged, sample(to_verify, cfg.verify_samples, cfg.seed), cfg.passthrough(reader))
+        config = bf16_config(reader.config, DTYPES.get(cfg.dtype, torch.bfloat16))
     elif cfg.quant_type == FP8:
         reader = CheckpointReader(source)
         layer_prefix = _layer_prefix(reader)
@@ -284,7 +306,8 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
             if cfg.calib_dir is not None:
                 collect_act_stats(source, cfg.calib_dir, Path(tmp))
                 stats = ActStats(Path(tmp), layer_prefix)
-            export_fp8(reader, staged, plan, block_cfg, stats, set(sample(to_verify, cfg.verify_samples, cfg.seed)))
+            export_fp8(reader, staged, plan, block_cfg, stats, set(sample(to_verify, cfg.verify_samples, cfg.seed)),
+                       cfg.passthrough(reader))
         config = fp8_config(reader.config, plan, block_cfg)
     else:
         reader = CheckpointReader(source)
@@ -293,7 +316,7 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
             raise DeployError(f"{source} is already a compressed-tensors checkpoint; deploy from the FP model")
         scheme, ignore, transform, params, targets = resolve_scheme(cfg, model)
         plan = plan_export(model, scheme, ignore, transform, smooth=smooth_dtype(params.get("run", {})),
-                           targets=targets)
+                           targets=targets, passthrough=cfg.passthrough(reader))
         to_verify = plan.quantized
         plan.check = set(sample(to_verify, cfg.verify_samples, cfg.seed))
         staged = StagedOutput(cfg.output_weight_path, _identity(cfg, model.reader, params), cfg.overwrite)
@@ -302,6 +325,8 @@ def _export(cfg: DeployConfig) -> tuple[StagedOutput, CheckpointReader, QuantSch
         export_units(plan.units, staged, parse_size(cfg.max_shard_size))
         config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
         config["quantization_config"] = quantization_config(scheme, plan.kept, plan.schemes if targets else None)
+    if cfg.dtype != "auto":
+        config = with_dtype(config, DTYPES[cfg.dtype])
     atomic_write_text(staged.partial / "config.json", json.dumps(config, indent=2) + "\n")
     staged.copy_side_files(source)
     return staged, reader, scheme, to_verify

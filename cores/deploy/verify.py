@@ -121,7 +121,7 @@ class WeightCheck:
         Args:
             original: Source values, fp32.
             codes: Their integer codes, same shape: ``int8``, or fp32 holding the
-                same integers (:attr:`WeightChunk.levels`, used without a conversion).
+                same integers (:attr:`~cores.deploy.pack.WeightChunk.levels`, used without a conversion).
             scale: fp32 scales; each covers ``codes.numel() / scale.numel()`` consecutive codes.
             overwrite: The error may be formed in fp32 ``codes`` (a scratch buffer the caller is
                 done with, as the chunk's levels): one buffer less to stream through the cache.

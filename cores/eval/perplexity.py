@@ -17,7 +17,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from ..calibrator.params import open_params
-from ..models.streaming import BlockTransform, StreamingModel
+from ..models.run import BlockTransform, sequence_nll
+from ..models.streaming import StreamingModel
 from ..utils.checkpoint import model_fingerprint
 from ..utils.data import load_text, ppl_windows
 from ..utils.io import atomic_write_text
@@ -111,7 +112,7 @@ def evaluate_ppl(cfg: PplConfig, block_transform: BlockTransform | None = None) 
                           source=f"--dataset {cfg.dataset} (split {cfg.split})")
     log.info("%s: %d windows of %d tokens, %s on %s", cfg.dataset, len(windows), cfg.seq_len, model.dtype, model.device)
     start = time.perf_counter()
-    nll, tokens = model.sequence_nll(windows, cfg.batch_size, cfg.offload_dir, block_transform)
+    nll, tokens = sequence_nll(model, windows, cfg.batch_size, cfg.offload_dir, block_transform)
     seconds = time.perf_counter() - start
     return PplResult(
         ppl=math.exp(nll / tokens),

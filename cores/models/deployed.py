@@ -1,7 +1,8 @@
 """Run a deployed (compressed-tensors) checkpoint through our own block forward.
 
 :func:`load_deployed_block` rebuilds the frozen quantized block from the stored
-integer codes and scales, with the very modules the fake-quant evaluation uses, so
+integer codes and scales, with the very modules the fake-quant evaluation uses (its
+linears ``PACKED``: they hold the codes and scales, no float weight), so
 ``eval_ppl.py --model DEPLOYED_DIR`` computes what ``--param_dir`` computed
 before deploy. Static input and KV scales are taken as stored (the quantizers
 below keep the stored scale instead of deriving it from a calibrated range).
@@ -19,18 +20,15 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from ..formats.compressed_tensors import (DEPLOY_REPORT, KV_SCALE_NAMES, WEIGHT_NAMES, DeployedFormat,
-                                          dequantize_codes, weight_codes)
+from ..formats.compressed_tensors import DEPLOY_REPORT, KV_SCALE_NAMES, WEIGHT_NAMES, DeployedFormat, weight_codes
 from ..quantization import FP8_E4M3_MAX, ActQuantizer, KVQuantizer, QuantLinear, QuantState, set_quant_state
 from ..quantization.block import quantize_block
-from ..utils.checkpoint import CheckpointError, CheckpointReader, check_tensor
+from ..utils.checkpoint import CheckpointError, CheckpointReader
 from ..utils.io import changed_files, load_json
+from .block_state import assign_state, read_state
 from .registry import ModelFamily
 
 log = logging.getLogger(__name__)
-
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-"""Stored buffers that old checkpoints carry and no block reads (as :mod:`cores.models.streaming` skips them)."""
 
 
 class DeployedModel(Protocol):
@@ -114,7 +112,7 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
     scheme, targets = fmt.scheme, fmt.targets if fmt.overrides else None
     prefix = model.family.block_prefix(idx)
     where = f"block {idx} ({prefix}*) of {model.reader.model_dir}"
-    stored = {k: v for k, v in model.reader.read_prefix(prefix).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    stored = read_state(model.reader, prefix)
     with torch.device("meta"):
         block = model.family.build_block(model.config, idx)
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
@@ -129,7 +127,9 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
         codes[name] = weight_codes(stored, name + ".", linear_scheme.w_bits, where)
         for tensor_name in WEIGHT_NAMES[linear_scheme.w_bits]:
             del stored[f"{name}.{tensor_name}"]
-        stored[name + ".weight"] = dequantize_codes(*codes[name])
+        # the layer is loaded packed (below): its float weight is never made, and this stand-in (on the meta
+        # device) only lets the state check hold the codes' shape against the one config.json implies
+        stored[name + ".weight"] = torch.empty(codes[name][0].shape, dtype=model.dtype, device="meta")
         if linear_scheme.act_mode == "static":
             zero_point = None if linear_scheme.act_symmetric else _take(stored, name + ".input_zero_point", where)
             input_scales[name] = _take(stored, name + ".input_scale", where), zero_point
@@ -143,14 +143,8 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
                         raise CheckpointError(f"{where}: {', '.join(scale_names)} of {name} differ; "
                                               "they are one scale of one cache")
                     kv_scales[(name, hook)] = scales[0]
-    expected = block.state_dict()
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where} does not match its config and quantization_config: "
-                              f"missing {[prefix + k for k in missing]}, unexpected {[prefix + k for k in unexpected]}")
-    for key, tensor in stored.items():
-        check_tensor(model.reader.model_dir, prefix + key, tensor, expected[key])
-    block.load_state_dict({k: v.to(model.device, model.dtype) for k, v in stored.items()}, assign=True)
+    assign_state(block, stored, model.reader, prefix, where, "its config and quantization_config",
+                 lambda key, tensor: tensor if tensor.is_meta else tensor.to(model.device, model.dtype))
     quantize_block(block, scheme, ignored, lwc=False, lac=False, targets=targets, prefix=prefix)
     for name, linear in block.named_modules():
         if name in input_scales:
@@ -159,8 +153,11 @@ def load_deployed_block(model: DeployedModel, idx: int) -> nn.Module:
                 scale.to(model.device), None if zero_point is None else zero_point.to(model.device))
     for (name, hook), scale in kv_scales.items():
         setattr(block.get_submodule(name), hook, StoredKVQuantizer(scheme.kv_format, scale.to(model.device)))
-    set_quant_state(block, QuantState.FROZEN)
     for name, (q, scale) in codes.items():
         linear: QuantLinear = block.get_submodule(name)
-        linear._frozen_codes, linear._frozen_scale = q.to(model.device), scale.to(model.device)
+        try:
+            linear.load_packed(q.to(model.device), scale.to(model.device))
+        except ValueError as err:
+            raise CheckpointError(f"{where}: {prefix}{name}: {err}") from None
+    set_quant_state(block, QuantState.FROZEN)  # the KV caches (the packed linears stay PACKED)
     return block.eval().requires_grad_(False)

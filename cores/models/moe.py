@@ -153,7 +153,7 @@ class RoutingCounter:
     """Counts the tokens each routed expert receives, per block, through forward hooks on the routers.
 
     :meth:`attach` has the ``(idx, block) -> block`` signature of a streaming block transform,
-    so ``StreamingModel.sequence_nll(..., block_transform=counter.attach)`` counts a whole eval.
+    so ``sequence_nll(model, ..., block_transform=counter.attach)`` (:mod:`cores.models.run`) counts a whole eval.
 
     Attributes:
         counts: block index -> ``[num_experts]`` int64 token counts (a token counts once per chosen expert).

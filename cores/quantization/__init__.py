@@ -30,7 +30,7 @@ from cores.quantization.primitives import (
     to_groups,
     unpack_int4,
 )
-from cores.quantization.qlinear import QuantLinear, promote_unquantized, quantize_linears, set_quant_state
+from cores.quantization.qlinear import QuantLinear, cast_for_compute, quantize_linears, set_quant_state
 from cores.quantization.quantizers import (
     LAC_INIT_LOGIT,
     LWC_INIT_LOGIT,
@@ -106,7 +106,7 @@ __all__ = [
     "per_group",
     "per_tensor",
     "per_token",
-    "promote_unquantized",
+    "cast_for_compute",
     "quantize",
     "quantize_linears",
     "register_scheme",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cores.quantization.quantizers import ActQuantizer, Quantizer, QuantState, WeightQuantizer
+from cores.quantization.primitives import scale_shape
+from cores.quantization.quantizers import FIXED_STATES, ActQuantizer, Quantizer, QuantState, WeightQuantizer
 from cores.quantization.schemes import DEFAULT_IGNORE, QuantScheme, TargetSchemes, matches
 from cores.quantization.smoothing import Smoother
 
@@ -30,6 +32,12 @@ class QuantLinear(nn.Module):
     - ``FROZEN``: the weight is quantized once to integer codes and a scale (what
       deploy writes) and dequantized in each forward, bit-identical to
       ``FAKE_QUANT``; no parameter receives gradients (the input still does).
+    - ``PACKED`` (:meth:`load_packed`): the layer holds only the deployed codes and
+      scale it was given, no float weight (``weight`` is None); the forward is the
+      ``FROZEN`` one. A final state: ``FROZEN`` leaves it ``PACKED``, any other raises.
+
+    The deployed tensors of a layer (packed codes, scales, input scale) are made by the
+    deploy stage, :mod:`cores.deploy.pack`, from :meth:`export_weight` and the quantizers.
 
     ``weight`` may be stored narrower than the compute (bf16 in training): every
     forward reads it in fp32, which is exact, so the results are those of an fp32 copy.
@@ -107,7 +115,8 @@ class QuantLinear(nn.Module):
         """Wrap ``linear`` with the quantizers ``scheme`` asks for.
 
         Args:
-            linear: The layer to wrap (its weight must be materialised, not meta).
+            linear: The layer to wrap (its weight may be on the meta device: the quantizers are then built
+                there too, for a layout plan or for :meth:`load_packed`).
             scheme: Weight and activation settings.
             lwc: Learn weight clipping.
             lac: Learn activation clipping (static activations only).
@@ -133,11 +142,26 @@ class QuantLinear(nn.Module):
         """Move this layer and its quantizers to ``state``.
 
         Entering ``FROZEN`` quantizes the weight and caches codes and scale;
-        leaving it drops the cache.
+        leaving it drops the cache. A ``PACKED`` layer stays ``PACKED`` when asked
+        for ``FROZEN`` (so :func:`set_quant_state` can freeze a block that holds some).
 
         Args:
             state: The new state.
+
+        Raises:
+            RuntimeError: When a ``PACKED`` layer is asked for another state than ``FROZEN``.
+            ValueError: When asked for ``PACKED``: only :meth:`load_packed` gives a layer its codes.
         """
+        if self.state is QuantState.PACKED:
+            if state not in FIXED_STATES:
+                raise RuntimeError(f"{type(self).__name__} is PACKED: it holds only its deployed codes and scale, "
+                                   f"no float weight, so it cannot move to {state.name}; build the layer again "
+                                   "from its float weight")
+            for quantizer in self._quantizers():  # a quantizer put in after load_packed is frozen
+                quantizer.set_state(QuantState.FROZEN)
+            return
+        if state is QuantState.PACKED:
+            raise ValueError(f"{type(self).__name__} becomes PACKED through load_packed(codes, scale)")
         for quantizer in self._quantizers():
             quantizer.set_state(state)
         self.state = state
@@ -146,8 +170,49 @@ class QuantLinear(nn.Module):
         else:
             self._frozen_codes = self._frozen_scale = None
 
+    @torch.no_grad()
+    def load_packed(self, codes: Tensor, scale: Tensor) -> None:
+        """Hold deployed ``codes`` and ``scale`` instead of the float weight: the ``PACKED`` state.
+
+        The layer and its quantizers become ``PACKED`` (quantizers behave as in ``FROZEN``), the
+        codes and scale become the (non-persistent) buffers the ``FROZEN`` forward dequantizes,
+        and ``weight`` becomes None, so the weight is not held twice. The weight may be on the meta
+        device (a block built there): only its shape is read. The bias, if any, is kept as it is
+        (a deployed bias already holds any output smoothing, so a smoothed layer is refused). A
+        static input quantizer needs its range or stored scale before this call.
+
+        Args:
+            codes: ``int8`` codes shaped like the weight (4-bit codes unpacked), on the device to run on.
+            scale: Their fp32 scales: ``[out, 1]`` per channel, ``[out, in // g]`` per group (any shape with
+                that many values, one per scale row), on the same device.
+
+        Raises:
+            ValueError: On codes or scales that do not fit the weight quantizer, or a smoothed layer.
+            RuntimeError: When a static input quantizer has no range (:meth:`ActQuantizer.set_state`).
+        """
+        quantizer = self.weight_quantizer
+        expected = scale_shape(quantizer.shape, quantizer.granularity)
+        if codes.dtype is not torch.int8 or tuple(codes.shape) != quantizer.shape:
+            raise ValueError(f"packed codes must be int8 {quantizer.shape}, got {codes.dtype} {tuple(codes.shape)}")
+        if scale.numel() != math.prod(expected):
+            raise ValueError(f"packed scale must hold {math.prod(expected)} values {expected}, "
+                             f"got {tuple(scale.shape)}")
+        if self.smoothed:
+            raise ValueError("a smoothed layer cannot be PACKED: the deployed codes and bias hold the smoothing")
+        for q in reversed(self._quantizers()):  # the input quantizer's range check first: nothing moved if it fails
+            q.set_state(QuantState.PACKED)
+        self.state = QuantState.PACKED
+        self._frozen_codes, self._frozen_scale = codes, scale.float().reshape(expected)
+        self.weight = None
+
     def export_weight(self) -> Tensor:
-        """The weight to quantize for the frozen forward and deploy (smoothed, without gradients)."""
+        """The weight to quantize for the frozen forward and deploy (smoothed, without gradients).
+
+        Raises:
+            RuntimeError: On a ``PACKED`` layer, which holds no float weight.
+        """
+        if self.weight is None:
+            raise RuntimeError(f"{type(self).__name__} is PACKED: it holds no float weight to quantize")
         if not self.smoothed:
             return self.weight
         with torch.no_grad():
@@ -165,18 +230,6 @@ class QuantLinear(nn.Module):
         """The clipping parameters of the quantizers (never ``weight``/``bias``)."""
         return [p for q in self._quantizers() for p in q.learnable_parameters()]
 
-    def get_qparams(self) -> dict[str, Tensor]:
-        """Deployed tensors under compressed-tensors names.
-
-        ``weight`` + ``weight_scale`` (8-bit) or ``weight_packed`` +
-        ``weight_scale`` + ``weight_shape`` (4-bit), plus ``input_scale`` (and ``input_zero_point``,
-        asymmetric) for a static input quantizer. ``bias`` is not included: it ships unchanged.
-        """
-        qparams = self.weight_quantizer.get_qparams(self.export_weight())
-        if self.input_quantizer is not None:
-            qparams.update(self.input_quantizer.get_qparams())
-        return qparams
-
     def forward(self, x: Tensor) -> Tensor:
         if self.state is QuantState.CALIBRATE and self.in_smooth is not None:
             self.in_smooth.observe(x * self.in_smooth.consumer_scale().to(x.dtype))  # the unsmoothed input
@@ -191,7 +244,7 @@ class QuantLinear(nn.Module):
         if self.input_quantizer is not None:
             x32 = self.input_quantizer(x32)
         bias = self.effective_bias()
-        if self.state is QuantState.FROZEN:
+        if self.state in FIXED_STATES:
             weight = self.weight_quantizer.dequantize_weight(self._frozen_codes, self._frozen_scale)
             bias = None if bias is None else bias.detach()
         elif torch.is_grad_enabled():
@@ -274,15 +327,23 @@ def quantize_linears(
 
 
 @torch.no_grad()
-def promote_unquantized(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast every float parameter and buffer below ``module`` to ``dtype``, except the weights of its
-    :class:`QuantLinear` layers, which keep their (narrower) storage dtype; returns ``module``.
+def cast_for_compute(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+    """Cast the float parameters and buffers below ``module`` to the compute ``dtype``, except those whose
+    precision is set elsewhere; returns ``module``.
 
-    A block loaded in its stored bf16 and quantized this way computes exactly as one loaded
-    in ``dtype``: norms, biases, routers and ignored linears in ``dtype``, quantized weights
-    upcast exactly in every forward, at half the memory for the weights.
+    Kept as they are: the weights of its :class:`QuantLinear` layers (their narrower storage dtype, read in
+    fp32 by every forward, which is exact: half the memory of an fp32 copy, the same results), the tensors of
+    its quantizers and smoothers (the learned state, fp32), and the tensors whose names end with
+    ``keep_fp32`` (a model family's fp32 router tensors). A block loaded in its stored bf16, quantized and
+    cast to fp32 this way computes exactly as one loaded in fp32.
     """
     keep = {id(m.weight) for m in module.modules() if isinstance(m, QuantLinear)}
+    for child in module.modules():
+        if isinstance(child, (Quantizer, Smoother)):
+            keep.update(id(t) for t in (*child.parameters(), *child.buffers()))
+    if keep_fp32:
+        keep.update(id(t) for name, t in (*module.named_parameters(), *module.named_buffers())
+                    if name.endswith(keep_fp32))
     for child in module.modules():
         for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
             if tensor is None or id(tensor) in keep or not tensor.is_floating_point() or tensor.dtype == dtype:

@@ -4,11 +4,17 @@ Every quantizer follows one small interface:
 
 - ``forward(x)`` dispatches on :class:`QuantState`: identity in ``FLOAT``,
   ``observe(x)`` then identity in ``CALIBRATE``, :meth:`Quantizer.fake_quant` in
-  ``FAKE_QUANT`` and ``FROZEN`` (learned parameters detached in ``FROZEN``);
+  ``FAKE_QUANT``, ``FROZEN`` and ``PACKED`` (learned parameters detached in the last two);
 - ``observe(x)`` records calibration ranges (a no-op where the range comes from the
   input itself);
 - ``fake_quant(x)`` runs in fp32 and returns ``x.dtype``;
-- ``get_qparams()`` returns exactly what the deployed checkpoint stores.
+- activation and KV quantizers: ``get_qparams()`` returns exactly the scales the deployed
+  checkpoint stores;
+- :class:`WeightQuantizer`: ``quantize_weight(w)`` gives the integer codes and scale of a
+  whole weight (the ``FROZEN`` forward's), ``dequantize_weight(codes, scale)`` the weight
+  they stand for, and :meth:`WeightQuantizer.quantize_groups` the codes and scales of a run
+  of scale rows, on which the deploy stage (:mod:`cores.deploy.pack`) builds the chunked
+  export of the deployed tensors.
 
 Learnable clipping (weights: LWC, static activations and KV cache: LAC) multiplies
 an observed range by :func:`~cores.quantization.primitives.sigmoid_clip`, which is
@@ -21,8 +27,8 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from collections.abc import Iterator, Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +38,6 @@ from cores.quantization.primitives import (
     FP8_MIN_SCALE,
     SCALE_EPS,
     Granularity,
-    Workspace,
     block_size,
     compute_scale_zp,
     dequantize,
@@ -42,7 +47,6 @@ from cores.quantization.primitives import (
     from_groups,
     group_range,
     int_range,
-    pack_int4,
     per_token,
     quantize,
     scale_shape,
@@ -80,33 +84,6 @@ ActFormat = Literal["int8", "fp8"]
 KVFormat = Literal["int8", "fp8"]
 
 
-WEIGHT_CHUNK_ELEMENTS = 1 << 20
-"""Values per chunk when a weight is quantized for export (4 MiB fp32 buffers: few enough chunks that the
-per-op overhead of torch stays small, small enough to stay in the last-level cache)."""
-
-
-class WeightChunk(NamedTuple):
-    """A run of rows of a weight, quantized (see :meth:`WeightQuantizer.iter_chunks`).
-
-    Attributes:
-        rows: The rows, of the weight's ``[-1, in]`` view.
-        weight: Their values in fp32, ``[n, in]``.
-        codes: Their ``int8`` codes, ``[n, in]``.
-        levels: The same codes as fp32 values (exactly those of ``codes``), ``[n, in]``: what a check
-            of the dequantized weight multiplies without converting ``codes`` again.
-        scale_rows: Their scale rows, of the ``[-1, 1]`` view of the scale.
-        scale: The fp32 scales of those rows, ``[n_scales, 1]``; each covers ``codes.numel() / n_scales``
-            consecutive values of ``codes``.
-    """
-
-    rows: slice
-    weight: Tensor
-    codes: Tensor
-    levels: Tensor
-    scale_rows: slice
-    scale: Tensor
-
-
 class QuantState(enum.Enum):
     """Lifecycle of a quantized module.
 
@@ -115,12 +92,35 @@ class QuantState(enum.Enum):
         CALIBRATE: Full-precision forward while static quantizers observe ranges.
         FAKE_QUANT: Training-time fake quantization; clipping parameters get gradients.
         FROZEN: Parameters fixed; the quantized weight is computed once and cached.
+        PACKED: The layer holds only its deployed codes and scale (as read from a deployed
+            checkpoint), no float weight; the forward dequantizes them as in ``FROZEN`` (learned
+            parameters detached). There is no way back: asking for ``FROZEN`` leaves it ``PACKED``,
+            any other state raises.
     """
 
     FLOAT = "float"
     CALIBRATE = "calibrate"
     FAKE_QUANT = "fake_quant"
     FROZEN = "frozen"
+    PACKED = "packed"
+
+
+FIXED_STATES = (QuantState.FROZEN, QuantState.PACKED)
+"""States whose forward uses fixed parameters: no gradient reaches the learned ones."""
+
+
+def _next_state(module: nn.Module, state: QuantState) -> QuantState:
+    """The state ``module`` (now in ``module.state``) takes when asked for ``state``: ``PACKED`` is final.
+
+    Raises:
+        RuntimeError: When a ``PACKED`` module is asked for a state other than ``FROZEN`` or ``PACKED``.
+    """
+    if module.state is not QuantState.PACKED:
+        return state
+    if state in FIXED_STATES:
+        return QuantState.PACKED
+    raise RuntimeError(f"{type(module).__name__} is PACKED: it holds only deployed codes and scales, no float "
+                       f"weight, so it cannot move to {state.name}; build the layer again from its float weight")
 
 
 class Quantizer(nn.Module, abc.ABC):
@@ -131,12 +131,15 @@ class Quantizer(nn.Module, abc.ABC):
         self.state = QuantState.FLOAT
 
     def set_state(self, state: QuantState) -> None:
-        """Move to ``state``.
+        """Move to ``state``; once ``PACKED``, ``FROZEN`` leaves it ``PACKED``.
 
         Args:
             state: The new state.
+
+        Raises:
+            RuntimeError: When leaving ``PACKED`` for a state other than ``FROZEN``.
         """
-        self.state = state
+        self.state = _next_state(self, state)
 
     def observe(self, x: Tensor) -> None:
         """Record calibration statistics of ``x``; nothing to record by default."""
@@ -158,9 +161,9 @@ class Quantizer(nn.Module, abc.ABC):
         return self.fake_quant(x)
 
     def _learned(self, param: Tensor) -> Tensor:
-        """``param`` in fp32, detached while frozen."""
+        """``param`` in fp32, detached while frozen (or packed)."""
         param = param.float()
-        return param.detach() if self.state is QuantState.FROZEN else param
+        return param.detach() if self.state in FIXED_STATES else param
 
     def extra_repr(self) -> str:
         return f"state={self.state.value}"
@@ -182,6 +185,10 @@ class WeightQuantizer(Quantizer):
     ``FAKE_QUANT`` the offsets are used as :data:`ROUND_OFFSET_DTYPE` values, the
     ones the param dir stores, so the frozen forward, the export and the deployed
     codes agree bit for bit.
+
+    :meth:`quantize_groups` is the one quantization of every export: the whole weight in
+    :meth:`quantize_weight` (the ``FROZEN`` forward), runs of rows in the deploy stage
+    (:mod:`cores.deploy.pack`), with the same codes and scales bit for bit.
 
     Args:
         shape: Weight shape ``[..., out, in]``.
@@ -224,8 +231,9 @@ class WeightQuantizer(Quantizer):
         offset = nn.Parameter(torch.zeros(self.shape, device=device)) if learn_rounding else None
         self.register_parameter("round_offset", offset)
 
-    def _offsets(self) -> Tensor | None:
-        """Rounding offsets in [-0.5, 0.5] (fp32, weight-shaped); stored-dtype values unless training."""
+    def rounding_offsets(self) -> Tensor | None:
+        """Rounding offsets in [-0.5, 0.5] (fp32, weight-shaped), stored-dtype values unless training; None
+        without learned rounding."""
         if not self.learn_rounding:
             return None
         offset = self.round_offset
@@ -233,8 +241,12 @@ class WeightQuantizer(Quantizer):
             offset = offset.detach().to(ROUND_OFFSET_DTYPE)
         return offset.float().clamp(-0.5, 0.5)
 
-    def _clip_factors(self) -> tuple[Tensor, Tensor] | None:
-        """LWC factors ``(upper, lower)`` of every scale row, computed on the whole parameters."""
+    def clip_factors(self) -> tuple[Tensor, Tensor] | None:
+        """LWC factors ``(upper, lower)`` of every scale row, fp32 ``[n_rows, 1]`` each; None without LWC.
+
+        Computed on the whole parameters: a run of scale rows takes its rows of these (computing
+        the sigmoid on a slice may differ in the last bit on CPU, where a vector loop's tail is scalar).
+        """
         if not self.lwc:
             return None
         return (sigmoid_clip(self._learned(self.upbound_factor), LWC_INIT_LOGIT),
@@ -257,85 +269,67 @@ class WeightQuantizer(Quantizer):
         return scale, zero_point
 
     def _groups(self, weight: Tensor) -> Tensor:
-        self._check_shape(weight)
+        self.check_shape(weight)
         return to_groups(weight.float(), self.granularity)
 
-    def _check_shape(self, weight: Tensor) -> None:
+    def check_shape(self, weight: Tensor) -> None:
+        """Raise ValueError unless ``weight`` has the shape this quantizer was built for."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match quantizer shape {self.shape}")
 
     def fake_quant(self, x: Tensor) -> Tensor:
         groups = self._groups(x)
-        scale, zero_point = self._scale_zp(groups, self._clip_factors())
-        offsets = self._offsets()
+        scale, zero_point = self._scale_zp(groups, self.clip_factors())
+        offsets = self.rounding_offsets()
         offsets = None if offsets is None else to_groups(offsets, self.granularity)
         out = fake_quantize(groups, scale, zero_point, self.qmin, self.qmax, offset=offsets)
         return from_groups(out, x.shape).to(x.dtype)
 
     @torch.no_grad()
-    def iter_chunks(self, weight: Tensor, chunk_elements: int = WEIGHT_CHUNK_ELEMENTS,
-                    workspace: Workspace | None = None) -> Iterator[WeightChunk]:
-        """Quantize ``weight`` a run of rows at a time (rows of its ``[-1, in]`` view).
+    def quantize_groups(self, groups: Tensor, factors: tuple[Tensor, Tensor] | None = None,
+                        offsets: Tensor | None = None, *, out: Tensor | None = None,
+                        work: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Integer codes and scales of a run of consecutive scale rows (rows of the weight's
+        :func:`~cores.quantization.primitives.to_groups` view).
 
-        The working set is a few buffers of about ``chunk_elements`` values, reused
-        from chunk to chunk: no full-size fp32 copy of the weight is made and the
-        arithmetic runs in cache. Codes and scales are bit-identical to
-        :meth:`fake_quant`'s.
+        Every step is elementwise on the scale rows, so a run gets the codes and scales the
+        whole weight gives it, bit for bit, and those of :meth:`fake_quant`. The codes are
+        clamped only where they can leave the code range (LWC, fp8 scales, rounding offsets):
+        an unclipped absmax scale keeps every ``|x / scale|`` within ``qmax``.
 
         Args:
-            weight: The float weight (any float dtype; computed in fp32).
-            chunk_elements: About how many values one chunk holds.
-            workspace: Where the buffers come from (keep one for many weights); None: fresh ones.
+            groups: fp32 values ``[n, block]``; with ``fp8_scales``, whole weight rows.
+            factors: Their LWC factors: the same rows of each of :meth:`clip_factors`; None without LWC.
+            offsets: Their rounding offsets ``[n, block]``: the same values of :meth:`rounding_offsets`;
+                None without learned rounding.
+            out: ``int8`` ``[n, block]`` to write the codes into; None: a new tensor.
+            work: fp32 ``[n, block]`` scratch for the quotient (it holds the codes as floats on
+                return); None: a new tensor.
 
-        Yields:
-            :class:`WeightChunk`; its tensors are overwritten by the next chunk.
+        Returns:
+            ``(codes, scale)``: ``int8`` codes ``[n, block]`` and fp32 scales ``[n, 1]``.
         """
-        self._check_shape(weight)
-        rows = weight.reshape(-1, self.shape[-1])
-        block = block_size(self.shape, self.granularity)
-        # a scale spanning several rows (per-tensor) needs them all in one chunk
-        step = max(1, chunk_elements // rows.shape[1]) if block <= rows.shape[1] else rows.shape[0]
-        size = (min(step, rows.shape[0]), rows.shape[1])
-        workspace = Workspace() if workspace is None else workspace
-        x32, work = (workspace.get(name, size, device=weight.device) for name in ("weight", "quotient"))
-        codes = workspace.get("codes", size, torch.int8, weight.device)
-        factors = self._clip_factors()
-        offsets = self._offsets()
-        offsets = None if offsets is None else offsets.reshape(-1, self.shape[-1])
-        for start in range(0, rows.shape[0], step):
-            n = min(step, rows.shape[0] - start)
-            x = x32[:n]
-            x.copy_(rows[start:start + n])
-            groups = x.view(-1, block)
-            first = start * rows.shape[1] // block
-            scale_rows = slice(first, first + groups.shape[0])
-            scale, _ = self._scale_zp(groups, None if factors is None else
-                                      (factors[0][scale_rows], factors[1][scale_rows]))
-            # symmetric; unclipped absmax scales keep every |x / scale| within qmax: no clamp needed
-            offset = None if offsets is None else offsets[start:start + n].reshape(-1, block)
-            quantize(groups, scale, None, self.qmin, self.qmax, out=codes[:n].view(-1, block),
-                     work=work[:n].view(-1, block), clamp=factors is not None or self.fp8_scales or offset is not None,
-                     offset=offset)
-            yield WeightChunk(slice(start, start + n), x, codes[:n], work[:n], scale_rows, scale)
+        scale, _ = self._scale_zp(groups, factors)
+        clamp = factors is not None or self.fp8_scales or offsets is not None
+        codes = quantize(groups, scale, None, self.qmin, self.qmax, out=out, work=work, clamp=clamp, offset=offsets)
+        return codes, scale
 
     @torch.no_grad()
     def quantize_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """Integer codes and scale of ``weight``, as deployed.
+        """Integer codes and scale of the whole ``weight``, as deployed (the ``FROZEN`` forward's).
 
         Args:
-            weight: The float weight.
+            weight: The float weight (any float dtype; computed in fp32).
 
         Returns:
             ``(codes, scale)``: ``int8`` codes shaped like ``weight`` and the fp32
             scale in compressed-tensors layout (``[out, 1]`` per channel,
-            ``[out, in // g]`` per group).
+            ``[out, in // g]`` per group, ``[1]`` per tensor).
         """
-        codes = torch.empty(self.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(scale_shape(self.shape, self.granularity), device=weight.device)
-        for chunk in self.iter_chunks(weight):
-            codes.view(-1, self.shape[-1])[chunk.rows] = chunk.codes
-            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
-        return codes, scale
+        offsets = self.rounding_offsets()
+        offsets = None if offsets is None else to_groups(offsets, self.granularity)
+        codes, scale = self.quantize_groups(self._groups(weight), self.clip_factors(), offsets)
+        return from_groups(codes, self.shape), scale.reshape(scale_shape(self.shape, self.granularity))
 
     def dequantize_weight(self, codes: Tensor, scale: Tensor) -> Tensor:
         """fp32 weight a serving engine reconstructs from ``(codes, scale)``.
@@ -352,70 +346,6 @@ class WeightQuantizer(Quantizer):
         scale = scale.float().reshape(-1, 1)
         groups = dequantize(to_groups(codes, self.granularity), scale, torch.zeros_like(scale))
         return from_groups(groups, self.shape)
-
-    def qparam_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """``name -> (dtype, shape)`` of the deployed tensors, in the order :meth:`iter_qparams` yields them.
-
-        Raises:
-            ValueError: For a bit width that has no deployed format here.
-        """
-        scale = (torch.float32, scale_shape(self.shape, self.granularity))
-        if self.bits == 8:
-            return {"weight": (torch.int8, self.shape), "weight_scale": scale}
-        if self.bits == 4:
-            return {"weight_packed": (torch.int32, (*self.shape[:-1], self.shape[-1] // 8)), "weight_scale": scale,
-                    "weight_shape": (torch.int64, (len(self.shape),))}
-        raise ValueError(f"no deployed format for {self.bits}-bit weights; use 4 or 8 bits")
-
-    @torch.no_grad()
-    def iter_qparams(self, weight: Tensor, workspace: Workspace | None = None
-                     ) -> Iterator[tuple[str, Tensor, WeightChunk | None]]:
-        """:meth:`get_qparams` as a stream that never holds the codes whole.
-
-        Yields ``(name, tensor, chunk)``: first the codes (``weight``, or
-        ``weight_packed`` for 4 bits) one run of rows at a time (rows of the
-        ``[-1, cols]`` view of the deployed tensor), each with its
-        :class:`WeightChunk`; then ``weight_scale`` (and ``weight_shape``) whole,
-        with ``chunk`` None. Chunk tensors are overwritten by the next chunk.
-        ``workspace`` is that of :meth:`iter_chunks` (and of the int4 packing).
-
-        Raises:
-            ValueError: For a bit width that has no deployed format here.
-        """
-        specs = self.qparam_specs()
-        codes_name = next(iter(specs))
-        scale = torch.empty(specs["weight_scale"][1], device=weight.device)
-        workspace = Workspace() if workspace is None else workspace
-        for chunk in self.iter_chunks(weight, workspace=workspace):
-            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
-            yield codes_name, chunk.codes if self.bits == 8 else pack_int4(chunk.codes, workspace, checked=False), chunk
-        yield "weight_scale", scale, None
-        if self.bits == 4:
-            yield "weight_shape", torch.tensor(self.shape, dtype=torch.int64), None
-
-    def get_qparams(self, weight: Tensor) -> dict[str, Tensor]:
-        """Deployed tensors for ``weight`` under compressed-tensors names.
-
-        8-bit: ``weight`` (int8) and ``weight_scale``. 4-bit (``pack-quantized``):
-        ``weight_packed`` (int32), ``weight_scale`` and ``weight_shape``.
-
-        Args:
-            weight: The float weight.
-
-        Returns:
-            Tensors keyed by their name inside the module.
-
-        Raises:
-            ValueError: For a bit width that has no deployed format here.
-        """
-        out = {name: torch.empty(shape, dtype=dtype, device=weight.device)
-               for name, (dtype, shape) in self.qparam_specs().items()}
-        for name, tensor, chunk in self.iter_qparams(weight):
-            if chunk is None:
-                out[name] = tensor
-            else:
-                out[name].view(-1, tensor.shape[-1])[chunk.rows] = tensor
-        return out
 
     def extra_repr(self) -> str:
         return (
@@ -494,11 +424,13 @@ class ActQuantizer(Quantizer):
         """Move to ``state``; a static quantizer must be calibrated before it quantizes.
 
         Raises:
-            RuntimeError: When entering ``FAKE_QUANT``/``FROZEN`` with no observed range.
+            RuntimeError: When entering ``FAKE_QUANT``/``FROZEN``/``PACKED`` with no observed range, or
+                leaving ``PACKED`` (:meth:`Quantizer.set_state`).
         """
         if (
             self.mode == "static"
-            and state in (QuantState.FAKE_QUANT, QuantState.FROZEN)
+            and state in (QuantState.FAKE_QUANT, *FIXED_STATES)
+            and self.state is not QuantState.PACKED
             and not bool(self.absmax.max() > 0)
         ):
             raise RuntimeError(

@@ -28,7 +28,9 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..models.streaming import HiddenStore, StreamingModel
+from ..models.hidden_store import HiddenStore
+from ..models.run import embed
+from ..models.streaming import StreamingModel
 from ..quantization import DEFAULT_IGNORE, get_scheme, scheme_name
 from ..quantization.block import freeze, quantize_block
 from ..utils.data import load_text, ppl_windows
@@ -143,7 +145,7 @@ def layer_sensitivity(cfg: SensitivityConfig, layers: Sequence[int] | None = Non
     float_store = HiddenStore.create(shape, model.dtype, cfg.offload_dir)
     stores: dict[int, HiddenStore] = {}
     try:
-        model.embed(ids, float_store, bs)
+        embed(model, ids, float_store, bs)
         cos, sin = model.rotary(ids.shape[1])
 
         def run(block, store: HiddenStore) -> None:

@@ -10,7 +10,9 @@ import torch
 
 from cores.calibrator.params import ParamDir
 from cores.quantization.block import learnable_parameters, quant_state_dict, quantize_block
-from cores.models.streaming import BlockTransform, HiddenStore, StreamingModel
+from cores.models.hidden_store import HiddenStore
+from cores.models.run import BlockTransform, embed, run_blocks
+from cores.models.streaming import StreamingModel
 from cores.quantization import DEFAULT_IGNORE, QuantScheme, QuantState, set_quant_state
 from cores.utils.checkpoint import model_fingerprint
 
@@ -58,6 +60,6 @@ def logits(model_dir: Path, ids: torch.Tensor, transform: BlockTransform | None 
     """fp32 logits of our streaming forward (fake-quant with ``transform``; deployed folders load quantized)."""
     model = StreamingModel(model_dir, dtype=torch.float32)
     with HiddenStore((*ids.shape, model.hidden_size), torch.float32) as store:
-        model.embed(ids, store, len(ids))
-        model.run_blocks(store, len(ids), block_transform=transform)
+        embed(model, ids, store, len(ids))
+        run_blocks(model, store, len(ids), block_transform=transform)
         return model.final_norm()(store.read(0, len(ids))) @ model.lm_head_weight().T

@@ -15,6 +15,7 @@ from deploy_helpers import GROUP, TEXT, logits
 from cores.quantization.block import freeze, quantize_block
 from cores.deploy import DeployConfig, deploy
 from cores.formats.compressed_tensors import DeployedFormat
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.quantization import DEFAULT_IGNORE, get_scheme
 from cores.utils.checkpoint import INDEX_NAME, CheckpointReader, model_fingerprint
@@ -35,10 +36,45 @@ CASES = [("w8a8c16", "static", "fp8"), ("w8a8c16", "dynamic", "fp8"), ("w8a8c8",
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
 def test_loader_equals_fake_quant_eval(deployed, tiny_llama, ids, case):
     params, out = deployed(*case)
-    fake, _ = StreamingModel(tiny_llama).sequence_nll(ids, block_transform=params.block_transform(2))
-    ours, _ = StreamingModel(out).sequence_nll(ids)
-    plain, _ = StreamingModel(tiny_llama).sequence_nll(ids)
+    fake, _ = sequence_nll(StreamingModel(tiny_llama), ids, block_transform=params.block_transform(2))
+    ours, _ = sequence_nll(StreamingModel(out), ids)
+    plain, _ = sequence_nll(StreamingModel(tiny_llama), ids)
     assert abs(ours - fake) <= 1e-6 * abs(fake) and ours != plain
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dtype_casts_only_what_deploy_writes_unquantized(deployed, tiny_llama, ids, tmp_path, dtype):
+    """``--dtype``: embeddings, norms (smoothed ones too), lm_head in that dtype; codes and scales as before."""
+    params, auto = deployed("w8a8c8", "static", "int8", "int8", "smooth")
+    out = tmp_path / dtype
+    deploy(DeployConfig(str(tiny_llama), str(out), "w8a8c8", param_dir=str(params.path), max_shard_size="60KB",
+                        dtype=dtype))
+    src, before, after = CheckpointReader(tiny_llama), CheckpointReader(auto), CheckpointReader(out)
+    assert sorted(before.keys) == sorted(after.keys)
+    want, cast = getattr(torch, dtype), 0
+    for key in before.keys:
+        x, y = before.read([key])[key], after.read([key])[key]
+        if src.has(key) and x.is_floating_point():
+            assert y.dtype == want and torch.equal(y, x.to(want)), key
+            cast += 1
+        else:
+            assert y.dtype == x.dtype and torch.equal(y, x), key
+    assert cast >= 7 and any(key.endswith("input_scale") for key in before.keys)
+    config = json.loads((out / "config.json").read_text())
+    assert {config.get(k) for k in ("torch_dtype", "dtype")} - {None} == {dtype}
+    if dtype == "float32":  # widening is exact, and our loader computes in fp32 either way
+        assert sequence_nll(StreamingModel(out), ids) == sequence_nll(StreamingModel(auto), ids)
+
+
+def test_dtype_keeps_scales_and_a_family_s_fp32_tensors():
+    from cores.deploy.export import Passthrough
+
+    rule = Passthrough(torch.float16, ("_scale_inv", "e_score_correction_bias"))
+    assert rule.dtype_of("model.norm.weight", torch.float32) == torch.float16
+    assert rule.dtype_of("model.layers.0.mlp.gate.e_score_correction_bias", torch.float32) == torch.float32
+    assert rule.dtype_of("a.weight_scale_inv", torch.float32) == torch.float32
+    assert rule.dtype_of("a.weight", torch.float8_e4m3fn) == torch.float8_e4m3fn
+    assert rule.dtype_of("a.weight", torch.int8) == torch.int8
 
 
 def test_layout(deployed, tiny_llama):
@@ -96,8 +132,8 @@ def test_rtn_deploy_equals_rtn_fake_quant(tiny_llama, ids, tmp_path):
     def rtn(idx, block):
         return freeze(quantize_block(block, scheme, DEFAULT_IGNORE, lwc=False, lac=False))
 
-    fake, _ = StreamingModel(tiny_llama).sequence_nll(ids, block_transform=rtn)
-    assert StreamingModel(tmp_path / "rtn").sequence_nll(ids)[0] == pytest.approx(fake, rel=1e-6)
+    fake, _ = sequence_nll(StreamingModel(tiny_llama), ids, block_transform=rtn)
+    assert sequence_nll(StreamingModel(tmp_path / "rtn"), ids)[0] == pytest.approx(fake, rel=1e-6)
 
 
 def test_output_does_not_depend_on_where_shards_are_written(tiny_llama, tmp_path):

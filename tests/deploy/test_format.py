@@ -5,6 +5,7 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
+from cores.deploy.pack import weight_qparams
 from cores.formats.compressed_tensors import DeployedFormat, dequantize_codes, ignore_match, quantization_config, weight_codes
 from cores.quantization import WeightQuantizer, get_scheme
 from cores.utils.checkpoint import CheckpointError
@@ -59,7 +60,7 @@ def test_compressed_tensors_decompresses_our_tensors_to_our_weights(name):
     quantizer = WeightQuantizer(weight.shape, scheme.w_bits, scheme.weight_granularity, lwc=True)
     with torch.no_grad():
         quantizer.upbound_factor.add_(torch.randn(quantizer.upbound_factor.shape))  # learned clipping
-    qparams = quantizer.get_qparams(weight)
+    qparams = weight_qparams(quantizer, weight)
     group = quantization_config(scheme, [])["config_groups"]["group_0"]
     ct_scheme = QuantizationScheme.model_validate(group)
     theirs = BaseCompressor.get_value_from_registry(group["format"]).decompress(dict(qparams), ct_scheme)["weight"]

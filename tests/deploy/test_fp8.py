@@ -54,6 +54,16 @@ def test_bfloat16_equals_the_bf16_twin(twins, tmp_path):
     assert result.verify["checked"] == 14 and result.verify["GOOD"] == 14
 
 
+def test_bfloat16_with_dtype_writes_that_dtype(twins, tmp_path):
+    """``--dtype float32``: the dequantized weights and every other tensor widened, exactly, and declared."""
+    fp8, bf16 = twins
+    deploy(DeployConfig(str(fp8), str(tmp_path / "out"), "bfloat16", dtype="float32"))
+    ours, ref = _tensors(tmp_path / "out"), _tensors(bf16)
+    assert ours.keys() == ref.keys()
+    assert all(ours[k].dtype == torch.float32 and torch.equal(ours[k], ref[k].float()) for k in ref)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
 def test_bfloat16_refuses_non_fp8_and_quant_options(tiny_llama, twins, tmp_path):
     with pytest.raises(DeployError, match="holds no FP8 weights"):
         deploy(DeployConfig(str(tiny_llama), str(tmp_path / "out"), "bfloat16"))

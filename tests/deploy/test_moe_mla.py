@@ -29,6 +29,7 @@ from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
 from cores.deploy.run import serving_warnings
 from cores.formats.compressed_tensors import dequantize_codes, weight_codes
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.quantization import MLA_KV_NOT_VLLM, get_scheme
 from cores.quantization.schemes import W8_STATIC_AMX_DYNAMIC
@@ -122,9 +123,9 @@ def ids() -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loader_equals_fake_quant_eval(sources, params, deployed, ids, family, scheme):
     transform = params(family, scheme).block_transform(BLOCKS)
-    fake, _ = StreamingModel(sources[family]).sequence_nll(ids, block_transform=transform)
-    ours, _ = StreamingModel(deployed(family, scheme)).sequence_nll(ids)
-    plain, _ = StreamingModel(sources[family]).sequence_nll(ids)
+    fake, _ = sequence_nll(StreamingModel(sources[family]), ids, block_transform=transform)
+    ours, _ = sequence_nll(StreamingModel(deployed(family, scheme)), ids)
+    plain, _ = sequence_nll(StreamingModel(sources[family]), ids)
     assert abs(ours - fake) <= 1e-6 * abs(fake) and ours != plain
     report = json.loads((deployed(family, scheme) / "deploy_report.json").read_text())
     assert report["summary"]["FAIL"] == 0 and report["summary"]["checked"] > 3 * 8 * 2

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from cores.deploy.pack import iter_weight_chunks
 from cores.deploy.verify import BANDS, WeightCheck
 from cores.deploy.writer import (
     WRITE_PIECE_BYTES,
@@ -72,7 +73,7 @@ def test_shard_refuses_what_the_plan_does_not_hold(tmp_path):
 
 
 def test_a_failed_background_write_of_a_shard_is_a_deploy_error(tmp_path):
-    """The writer itself is tested in tests/test_safetensors_stream.py; deploy's raises its own error."""
+    """The writer itself is tested in tests/utils/test_safetensors_stream.py; deploy's raises its own error."""
     (tmp_path / "f").touch()
     writer, fd = PieceWriter(background=True), os.open(tmp_path / "f", os.O_RDONLY)
     try:
@@ -100,7 +101,7 @@ def test_weight_check_is_the_comparison_of_the_dequantized_weight(bits, granular
         quantizer.upbound_factor.uniform_(-1.0, 2.0)
     check, from_levels, workspace = WeightCheck("layer", bits, Workspace()), WeightCheck("layer", bits), Workspace()
     in_levels = WeightCheck("layer", bits)
-    for chunk in quantizer.iter_chunks(weight, chunk_elements=500, workspace=workspace):
+    for chunk in iter_weight_chunks(quantizer, weight, chunk_elements=500, workspace=workspace):
         assert torch.equal(chunk.levels, chunk.codes.float())
         check.update(chunk.weight, chunk.codes, chunk.scale)
         from_levels.update(chunk.weight, chunk.levels, chunk.scale)

@@ -1,6 +1,8 @@
-"""QuantLinear states, exports and in-place replacement."""
+"""QuantLinear states (the PACKED one of deployed codes included) and in-place replacement."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -8,19 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cores.quantization import (
-    ActQuantizer,
     QuantLinear,
     QuantScheme,
     QuantState,
     WeightQuantizer,
-    dequantize,
-    fake_quantize,
     get_scheme,
     per_group,
     quantize_linears,
     set_quant_state,
-    to_groups,
-    unpack_int4,
 )
 
 SCHEMES = [
@@ -148,31 +145,73 @@ def test_frozen_equals_fake_quant(scheme: QuantScheme, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.name}-{s.act_mode}")
-def test_exported_tensors_reproduce_the_trained_forward(scheme: QuantScheme) -> None:
-    """What deploy writes, dequantized as a serving engine does, gives the FAKE_QUANT output."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_equals_frozen_without_the_float_weight(scheme: QuantScheme, bias: bool) -> None:
+    """A layer given the deployed codes of a frozen one computes what the frozen one does, bit for bit, holds no
+    float weight, and cannot leave PACKED (FROZEN leaves it PACKED)."""
     x = torch.randn(4, 16, 256)
-    qlinear = _trained(scheme, x)
-    expected = qlinear(x)
-    qparams = qlinear.get_qparams()
-    if scheme.w_bits == 8:
-        codes = qparams["weight"]
-    else:
-        codes = unpack_int4(qparams["weight_packed"], tuple(qparams["weight_shape"].tolist()))
-    scale = qparams["weight_scale"].reshape(-1, 1)
-    weight = dequantize(to_groups(codes, scheme.weight_granularity), scale, torch.zeros_like(scale))
-    if scheme.act_mode == "static":
-        input_scale = qparams["input_scale"]
-        x_q = fake_quantize(x, input_scale, torch.zeros_like(input_scale), -128, 127)
-    else:
-        dynamic = ActQuantizer(8, "dynamic")
-        dynamic.set_state(QuantState.FROZEN)
-        x_q = dynamic(x)
-    out = F.linear(x_q, weight.reshape(qlinear.weight.shape), qlinear.bias)
+    frozen = _trained(scheme, x, bias=bias)
+    packed = copy.deepcopy(frozen)
+    frozen.set_state(QuantState.FROZEN)
+    expected = frozen(x)
+    codes, scale = (t.clone() for t in frozen.weight_quantizer.quantize_weight(frozen.export_weight()))
+    packed.load_packed(codes, scale)
+    assert packed.state is QuantState.PACKED and packed.weight is None
+    assert all(q.state is QuantState.PACKED for q in (packed.weight_quantizer, packed.input_quantizer))
+    assert "weight" not in packed.state_dict() and not any("frozen" in k for k in packed.state_dict())
+    out = packed(x.requires_grad_())
     assert torch.equal(out, expected)
-    weight_keys = (
-        {"weight", "weight_scale"} if scheme.w_bits == 8 else {"weight_packed", "weight_scale", "weight_shape"}
-    )
-    assert set(qparams) == weight_keys | ({"input_scale"} if scheme.act_mode == "static" else set())
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in packed.parameters())
+    packed.set_state(QuantState.FROZEN)
+    assert packed.state is packed.weight_quantizer.state is QuantState.PACKED and torch.equal(packed(x), expected)
+    for state in (QuantState.FLOAT, QuantState.CALIBRATE, QuantState.FAKE_QUANT):
+        with pytest.raises(RuntimeError, match="is PACKED"):
+            packed.set_state(state)
+        with pytest.raises(RuntimeError, match="is PACKED"):
+            packed.weight_quantizer.set_state(state)
+    with pytest.raises(RuntimeError, match="holds no float weight"):
+        packed.export_weight()
+    with pytest.raises(ValueError, match="through load_packed"):
+        frozen.set_state(QuantState.PACKED)
+    with pytest.raises(ValueError, match="packed codes must be int8"):
+        frozen.load_packed(codes.float(), scale)
+    with pytest.raises(ValueError, match="packed scale must hold"):
+        frozen.load_packed(codes, scale[:-1])
+    assert frozen.state is QuantState.FROZEN and frozen.weight is not None
+
+
+@pytest.mark.parametrize("scheme", [SCHEMES[1], SCHEMES[3]], ids=lambda s: f"{s.name}-{s.act_mode}")
+def test_packed_layer_built_on_the_meta_device(scheme: QuantScheme) -> None:
+    """A layer built on the meta device (as a deployed block is) takes real codes: no float weight is ever made."""
+    x = torch.randn(4, 16, 256)
+    frozen = _trained(scheme, x)
+    frozen.set_state(QuantState.FROZEN)
+    with torch.device("meta"):
+        packed = QuantLinear.from_scheme(nn.Linear(256, 96), scheme, lwc=False, lac=False)
+    packed.bias = nn.Parameter(frozen.bias.detach().clone())
+    packed.load_packed(frozen._frozen_codes.clone(), frozen._frozen_scale.clone())
+    assert packed.weight is None
+    assert torch.equal(packed(x), frozen(x))
+
+
+def test_set_quant_state_leaves_packed_layers_packed() -> None:
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(2, 8, 64)
+    replaced = quantize_linears(block, get_scheme("w8a8c8", act_mode="static"))
+    set_quant_state(block, QuantState.CALIBRATE)
+    block(x)
+    set_quant_state(block, QuantState.FROZEN)
+    expected = block(x)
+    packed = replaced["self_attn.q_proj"]
+    packed.load_packed(packed._frozen_codes.clone(), packed._frozen_scale.clone())
+    set_quant_state(block, QuantState.FROZEN)
+    assert packed.state is packed.input_quantizer.state is QuantState.PACKED and packed.weight is None
+    assert all(q.state is QuantState.FROZEN for name, q in replaced.items() if name != "self_attn.q_proj")
+    assert torch.equal(block(x), expected)
+    with pytest.raises(RuntimeError, match="is PACKED"):
+        set_quant_state(block, QuantState.FLOAT)
 
 
 def test_learnable_parameters_are_only_the_clips() -> None:

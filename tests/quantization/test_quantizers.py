@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compressed_tensors.compressors.naive_quantized import NaiveQuantizationCompressor
-from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from vllm_reference import vllm_per_token_fp8, vllm_w4a8_fp8_scales
 
@@ -19,7 +16,6 @@ from cores.quantization import (
     KVQuantizer,
     QuantState,
     WeightQuantizer,
-    Workspace,
     compute_scale_zp,
     fake_quantize,
     fake_quantize_fp8,
@@ -29,9 +25,7 @@ from cores.quantization import (
     int_range,
     per_channel,
     per_group,
-    per_tensor,
     quantize,
-    scale_shape,
     sqnr_db,
     to_groups,
 )
@@ -124,75 +118,9 @@ def test_quantize_weight_codes_and_scales(bits: int, granularity: Granularity) -
     assert torch.equal(quantizer.dequantize_weight(codes, scale), quantizer(weight.float()))
 
 
-def test_weight_export_matches_compressed_tensors_w8() -> None:
-    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
-    quantizer = _weight_quantizer(weight, 8, per_channel(), lwc=True)
-    with torch.no_grad():
-        quantizer.upbound_factor.uniform_(1.0, 3.0)
-        quantizer.lowbound_factor.uniform_(1.0, 3.0)
-    qparams = quantizer.get_qparams(weight)
-    assert set(qparams) == {"weight", "weight_scale"}
-    scheme = QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel", symmetric=True)
-    )
-    to_compress = {"weight": weight, "weight_scale": qparams["weight_scale"]}
-    compressed = NaiveQuantizationCompressor.compress(to_compress, scheme)
-    assert torch.equal(compressed["weight"], qparams["weight"])
-    restored = NaiveQuantizationCompressor.decompress(dict(qparams), scheme)["weight"]
-    assert torch.equal(restored, quantizer(weight))
-
-
-@pytest.mark.parametrize("group_size", [64, 128])
-def test_weight_export_matches_compressed_tensors_w4(group_size: int) -> None:
-    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(5))
-    quantizer = _weight_quantizer(weight, 4, per_group(group_size), lwc=True)
-    with torch.no_grad():
-        quantizer.upbound_factor.uniform_(0.5, 3.0)
-    qparams = quantizer.get_qparams(weight)
-    assert set(qparams) == {"weight_packed", "weight_scale", "weight_shape"}
-    assert qparams["weight_packed"].shape == (64, 512 // 8)
-    assert qparams["weight_scale"].shape == (64, 512 // group_size)
-    assert qparams["weight_shape"].tolist() == [64, 512]
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(num_bits=4, strategy="group", group_size=group_size, symmetric=True),
-    )
-    to_compress = {"weight": weight, "weight_scale": qparams["weight_scale"]}
-    compressed = PackedQuantizationCompressor.compress(to_compress, scheme)
-    assert torch.equal(compressed["weight_packed"], qparams["weight_packed"])
-    restored = PackedQuantizationCompressor.decompress(dict(qparams), scheme)["weight"]
-    assert torch.equal(restored, quantizer(weight))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES + [(8, per_tensor())], ids=lambda c: str(c))
-def test_chunked_quantization_is_the_fake_quant(bits: int, granularity: Granularity, dtype: torch.dtype) -> None:
-    """Row chunks (any size, any dtype of the weight) give the codes and scales of the whole weight, bit for bit."""
-    weight = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
-    quantizer = _weight_quantizer(weight, bits, granularity, lwc=granularity != per_tensor())
-    if quantizer.lwc:
-        with torch.no_grad():
-            quantizer.upbound_factor.uniform_(-2.0, 3.0)
-            quantizer.lowbound_factor.uniform_(-2.0, 3.0)
-    expected = quantizer(weight.float())
-    workspace = Workspace()
-    for chunk_elements in (1, 700, 4096, 1 << 20):
-        codes = torch.empty(weight.shape, dtype=torch.int8)
-        scale = torch.empty(scale_shape(weight.shape, granularity))
-        rows = []
-        for chunk in quantizer.iter_chunks(weight, chunk_elements, workspace):
-            codes.view(-1, 256)[chunk.rows] = chunk.codes
-            scale.view(-1, 1)[chunk.scale_rows] = chunk.scale
-            assert torch.equal(chunk.weight, weight.reshape(-1, 256)[chunk.rows].float())
-            rows.append(chunk.rows)
-        assert [r.start for r in rows] == [0, *(r.stop for r in rows[:-1])] and rows[-1].stop == 48
-        assert torch.equal(quantizer.dequantize_weight(codes, scale), expected)
-        assert all(torch.equal(a, b) for a, b in zip((codes, scale), quantizer.quantize_weight(weight), strict=True))
-
-
 @pytest.mark.parametrize(("bits", "granularity"), WEIGHT_CASES, ids=lambda c: str(c))
 def test_round_to_nearest_codes_need_no_clamp(bits: int, granularity: Granularity) -> None:
-    """Without LWC the chunked export skips the clamp: its codes still stay in range and equal the clamped ones,
+    """Without LWC the export skips the clamp: its codes still stay in range and equal the clamped ones,
     on rows made to sit at the edges (the absmax on either side, all zeros, below the scale floor, huge)."""
     weight = torch.randn(12, 256, generator=torch.Generator().manual_seed(9))
     weight[0, 3], weight[1, 7] = 5.0, -5.0  # the absmax on either side: codes +-qmax exactly
@@ -210,29 +138,12 @@ def test_round_to_nearest_codes_need_no_clamp(bits: int, granularity: Granularit
     assert torch.equal(quantizer.dequantize_weight(codes, scale), quantizer(weight.bfloat16().float()))
 
 
-@pytest.mark.parametrize(("bits", "granularity"), [(8, per_channel()), (4, per_group(64))], ids=str)
-def test_streamed_qparams_are_get_qparams_in_spec_order(bits: int, granularity: Granularity) -> None:
-    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
-    quantizer = _weight_quantizer(weight, bits, granularity, lwc=True)
-    specs, whole = quantizer.qparam_specs(), quantizer.get_qparams(weight)
-    assert list(whole) == list(specs)
-    assert all((v.dtype, tuple(v.shape)) == specs[k] for k, v in whole.items())
-    streamed: dict[str, list[torch.Tensor]] = {}
-    for name, tensor, chunk in quantizer.iter_qparams(weight, Workspace()):
-        assert (chunk is not None) == (name == next(iter(specs)))
-        streamed.setdefault(name, []).append(tensor.clone())
-    assert list(streamed) == list(specs)
-    assert all(torch.equal(torch.cat(v).reshape(whole[k].shape), whole[k]) for k, v in streamed.items())
-
-
 def test_weight_quantizer_errors() -> None:
     with pytest.raises(ValueError, match="group size 128 does not divide the input dim 576"):
         WeightQuantizer((1536, 576), 4, per_group(128), lwc=True)
     quantizer = _weight_quantizer(torch.zeros(8, 64), 8, per_channel(), lwc=False)
     with pytest.raises(ValueError, match="does not match quantizer shape"):
         quantizer(torch.zeros(8, 32))
-    with pytest.raises(ValueError, match="no deployed format"):
-        WeightQuantizer((8, 64), 6, per_channel()).get_qparams(torch.zeros(8, 64))
 
 
 def test_float_and_calibrate_states_are_identity() -> None:
@@ -250,6 +161,25 @@ def test_frozen_weight_quantizer_gives_no_gradient_to_bounds() -> None:
     quantizer.set_state(QuantState.FROZEN)
     out = quantizer(weight)
     assert torch.equal(out, expected) and not out.requires_grad
+
+
+@pytest.mark.parametrize("quantizer", [WeightQuantizer((16, 64), 4, per_group(32), lwc=True, learn_rounding=True),
+                                       ActQuantizer(8, "static", lac=True)], ids=lambda q: type(q).__name__)
+def test_packed_quantizer_is_frozen_for_good(quantizer) -> None:
+    """PACKED computes as FROZEN (learned parameters detached); FROZEN leaves it PACKED, any other state raises."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    if isinstance(quantizer, ActQuantizer):
+        _calibrated(quantizer, x)
+    quantizer.set_state(QuantState.FROZEN)
+    expected = quantizer(x)
+    quantizer.set_state(QuantState.PACKED)
+    out = quantizer(x)
+    assert torch.equal(out, expected) and not out.requires_grad
+    quantizer.set_state(QuantState.FROZEN)
+    assert quantizer.state is QuantState.PACKED
+    for state in (QuantState.FLOAT, QuantState.CALIBRATE, QuantState.FAKE_QUANT):
+        with pytest.raises(RuntimeError, match="is PACKED"):
+            quantizer.set_state(state)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -384,7 +314,7 @@ def test_fp8_row_scales_are_what_vllm_serves(magnitude: float) -> None:
 
 
 def test_fp8_scale_weights_quantize_as_served() -> None:
-    """With fp8 group scales the codes are rounded with the served scales, the chunked export equals the fake
+    """With fp8 group scales the codes are rounded with the served scales, the export equals the fake
     quant, the scale gradient passes straight through, and LWC still trains."""
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
     quantizer = WeightQuantizer(weight.shape, 4, per_group(64), lwc=True, fp8_scales=True)

@@ -15,6 +15,7 @@ from torch import nn
 from cores.deploy import DeployConfig, deploy
 from cores.deploy.writer import DeployError
 from cores.models import get_family
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.quantization import QuantLinear
 from cores.recipes import (RecipeError, builtin_names, builtin_path, builtin_recipe, check_against_model,
@@ -191,7 +192,7 @@ def test_mixed_checkpoint_reads_back(tiny_deployed, tmp_path):
     assert not isinstance(model.load_block(2).self_attn.q_proj, QuantLinear)
     assert isinstance(model.load_block(1).self_attn.q_proj, QuantLinear)
     ids = torch.randint(0, 300, (1, 16))
-    nll, count = model.sequence_nll(ids)
+    nll, count = sequence_nll(model, ids)
     assert count == 15 and torch.isfinite(torch.tensor(nll))
     with safe_open(tmp_path / "mix" / out.weight_map["model.layers.2.mlp.up_proj.weight"], "pt") as f:
         assert "model.layers.2.mlp.up_proj.weight_scale" not in f.keys()

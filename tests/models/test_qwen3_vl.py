@@ -8,11 +8,12 @@ pipeline end to end on each tiny model, the vision tower copied through deploy a
 import pytest
 import torch
 from safetensors import safe_open
-from test_models_qwen3_next import (E2E_N, E2E_SEQ, E2E_TEXT, deploy_w8a8c16, e2e_ppl, max_rel_err, reference_nll,
+from test_qwen3_next import (E2E_N, E2E_SEQ, E2E_TEXT, deploy_w8a8c16, e2e_ppl, max_rel_err, reference_nll,
                                     train_block_mode)
 from transformers import AutoModelForImageTextToText
 
 from blockptq_assets.tiny import make_tiny_vl_checkpoint
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 
 RTOL = 1e-5
@@ -83,7 +84,7 @@ def test_every_block_equals_reference(tiny):
 def test_whole_model_nll_equals_reference(tiny):
     path, ref = tiny
     ids = torch.randint(0, 300, (3, SEQ), generator=torch.Generator().manual_seed(0))
-    nll, count = StreamingModel(path, dtype="float32").sequence_nll(ids, batch_size=2)
+    nll, count = sequence_nll(StreamingModel(path, dtype="float32"), ids, batch_size=2)
     assert count == 3 * (SEQ - 1)
     ref_nll = reference_nll(ref, ids)
     assert abs(nll - ref_nll) / ref_nll <= RTOL

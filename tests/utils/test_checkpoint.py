@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cores.models.streaming import HiddenStore, StreamingModel, chunked_nll
+from cores.models.hidden_store import HiddenStore
+
+from cores.models.run import chunked_nll, sequence_nll
+
+from cores.models.streaming import StreamingModel
 from cores.utils.checkpoint import (
     CheckpointError,
     CheckpointReader,
@@ -37,8 +41,8 @@ def ids():
 
 def test_sharded_equals_single_file(ckpt, sharded, ids):
     assert len(list(sharded.glob("*.safetensors"))) > 2
-    a = StreamingModel(ckpt, dtype="float32").sequence_nll(ids)
-    b = StreamingModel(sharded, dtype="float32").sequence_nll(ids)
+    a = sequence_nll(StreamingModel(ckpt, dtype="float32"), ids)
+    b = sequence_nll(StreamingModel(sharded, dtype="float32"), ids)
     assert a == b
 
 
@@ -99,16 +103,16 @@ def test_fp8_checkpoint_equals_bf16_twin(ckpt, tmp_path, ids):
     fp8_dir, bf16_dir = fp8_twins(ckpt, tmp_path / "fp8", tmp_path / "bf16")
     keys = CheckpointReader(fp8_dir).keys
     assert any(k.endswith("weight_scale_inv") for k in keys)
-    fp8 = StreamingModel(fp8_dir, dtype="float32").sequence_nll(ids)
-    bf16 = StreamingModel(bf16_dir, dtype="float32").sequence_nll(ids)
+    fp8 = sequence_nll(StreamingModel(fp8_dir, dtype="float32"), ids)
+    bf16 = sequence_nll(StreamingModel(bf16_dir, dtype="float32"), ids)
     assert fp8 == bf16
-    src = StreamingModel(ckpt, dtype="float32").sequence_nll(ids)
+    src = sequence_nll(StreamingModel(ckpt, dtype="float32"), ids)
     assert math.isclose(fp8[0], src[0], rel_tol=0.02)  # e4m3 is close to but not equal to the source
 
 
 def test_disk_offload_equals_ram(ckpt, tmp_path, ids):
-    ram = StreamingModel(ckpt, dtype="float32").sequence_nll(ids)
-    disk = StreamingModel(ckpt, dtype="float32").sequence_nll(ids, offload_dir=tmp_path / "cache")
+    ram = sequence_nll(StreamingModel(ckpt, dtype="float32"), ids)
+    disk = sequence_nll(StreamingModel(ckpt, dtype="float32"), ids, offload_dir=tmp_path / "cache")
     assert ram == disk
     assert list((tmp_path / "cache").iterdir()) == []  # the cache file is removed
 

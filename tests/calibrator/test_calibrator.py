@@ -14,6 +14,7 @@ from cores.calibrator.dump import DumpError, DumpFiles, DumpManifest, HiddenDump
 from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.params import ParamDir, ParamDirError
 from cores.calibrator.trainer import TrainConfig, run_training
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 
 TEXT = " ".join(
@@ -101,8 +102,8 @@ def test_learned_beats_rtn_and_eval_uses_params(tiny, tmp_path, scheme, act):
     assert sum(r["loss_learned"] < r["loss_rtn"] for r in r_lrn) >= 2
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     fp_model = StreamingModel(model, dtype="float32")
-    nll_fp = fp_model.sequence_nll(ids)[0]
-    nll_rtn = fp_model.sequence_nll(ids, block_transform=rtn.block_transform(3))[0]
+    nll_fp = sequence_nll(fp_model, ids)[0]
+    nll_rtn = sequence_nll(fp_model, ids, block_transform=rtn.block_transform(3))[0]
     assert nll_rtn != nll_fp  # the params are really applied
     assert math.isfinite(nll_rtn)
 
@@ -195,6 +196,38 @@ def test_sequential_mode_trains_every_block(tiny, tmp_path):
                                       scheme="w8a8c16", epochs=1, sequential=True))
     assert params.done_blocks() == [0, 1, 2]
     assert all(r["sequential"] for r in params.records())
+
+
+def test_bfloat16_training_is_close_to_float32_and_keeps_learned_tensors_fp32(tiny, tmp_path, caplog):
+    """``--dtype bfloat16``: finite losses near the float32 run's (its loss also holds the bf16 forward's own
+    rounding), the same learned tensors in fp32, the dtype in the records (absent in float32, as before
+    ``--dtype``), not in the identity: a resume in the other dtype keeps the finished blocks and says so;
+    float16 and auto are refused."""
+    model, _, dump = tiny
+    common = dict(model=str(model), data_dir=str(dump), scheme="w8a8c8", act="static", kv_format="int8", epochs=2)
+    fp32 = run_training(TrainConfig(output_dir=str(tmp_path / "fp32"), end_block_idx=2, **common))
+    bf16 = run_training(TrainConfig(output_dir=str(tmp_path / "bf16"), end_block_idx=2, dtype="bfloat16", **common))
+    assert bf16.done_blocks() == [0, 1]
+    for a, b in zip(fp32.records(), bf16.records(), strict=True):
+        for key in ("loss_rtn", "loss_learned"):
+            assert math.isfinite(b[key]) and b[key] == pytest.approx(a[key], rel=0.5), key
+        assert b["loss_learned"] <= b["loss_rtn"]
+        assert b["dtype"] == "bfloat16" and "dtype" not in a
+    for idx in (0, 1):
+        ours, theirs = bf16.load_block(idx), fp32.load_block(idx)
+        assert {k: t.dtype for k, t in ours.items()} == {k: t.dtype for k, t in theirs.items()}
+    assert bf16.identity() == fp32.identity()
+    caplog.clear()
+    run_training(TrainConfig(output_dir=str(tmp_path / "bf16"), **common))  # float32 from block 2 on
+    assert "block block(s) [0, 1] were trained with --dtype bfloat16 and are kept" in caplog.text
+    assert [r.get("dtype") for r in bf16.records()] == ["bfloat16", "bfloat16", None]
+    for dtype in ("float16", "auto"):
+        with pytest.raises(ValueError, match=f"dtype '{dtype}'"):
+            TrainConfig(dtype=dtype, output_dir="x", **common)
+    out = tmp_path / "cli"
+    assert main_cli.main(["--model", str(model), "--data_dir", str(dump), "--output_dir", str(out), "--dtype",
+                          "bfloat16", "--rtn", "--end_block_idx", "1"]) == 0
+    assert ParamDir(out).records()[0]["dtype"] == "bfloat16"
 
 
 def test_nan_activations_are_named(tiny, tmp_path):
@@ -315,7 +348,7 @@ def test_torchrun_two_ranks_split_the_blocks(tiny, tmp_path):
 
     model, _, dump = tiny
     out = tmp_path / "p"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", "main.py", "--model", str(model), "--data_dir", str(dump),
@@ -345,6 +378,6 @@ def test_full_name_ignore_entry_keeps_one_layer_in_training_and_deploy(tiny, tmp
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert kept in config["ignore"] and "model.layers.0.mlp.down_proj" not in config["ignore"]
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
-    fake, _ = StreamingModel(model).sequence_nll(ids, block_transform=params.block_transform(3))
-    ours, _ = StreamingModel(out).sequence_nll(ids)
+    fake, _ = sequence_nll(StreamingModel(model), ids, block_transform=params.block_transform(3))
+    ours, _ = sequence_nll(StreamingModel(out), ids)
     assert abs(ours - fake) <= 1e-6 * abs(fake)

@@ -19,6 +19,7 @@ from blockptq_assets.assets import AssetError
 from blockptq_assets.tiny import make_tiny_checkpoint
 from blockptq_assets.tiny_trained import TinyDeepseekSettings, ensure_tiny_deepseek
 from cores.models.moe import RoutingCounter
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.utils.data import load_text, ppl_windows
 
@@ -40,7 +41,7 @@ def windows(tiny_deepseek, assets) -> torch.Tensor:
 def streaming_eval(model_dir, windows) -> tuple[float, dict[int, torch.Tensor]]:
     """Perplexity through our streaming runtime, and the tokens each routed expert received."""
     counter = RoutingCounter()
-    nll, count = StreamingModel(model_dir, dtype="float32").sequence_nll(windows, batch_size=2,
+    nll, count = sequence_nll(StreamingModel(model_dir, dtype="float32"), windows, batch_size=2,
                                                                         block_transform=counter.attach)
     return math.exp(nll / count), counter.counts
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from blockptq_assets.tiny import make_tiny_checkpoint
 from cores.models.moe import MoE
 from cores.models.qwen3_next import GatedAttention, GatedDeltaNet, GatedSharedExpertMoE, OffsetRMSNorm
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 
 RTOL = 1e-5
@@ -92,7 +93,7 @@ def reference_nll(ref, ids: torch.Tensor) -> float:
 def test_whole_model_nll_equals_reference(tiny):
     path, ref = tiny
     ids = torch.randint(0, ref.config.vocab_size, (3, SEQ), generator=torch.Generator().manual_seed(0))
-    nll, count = StreamingModel(path, dtype="float32").sequence_nll(ids, batch_size=2)
+    nll, count = sequence_nll(StreamingModel(path, dtype="float32"), ids, batch_size=2)
     assert count == 3 * (SEQ - 1)
     ref_nll = reference_nll(ref, ids)
     assert abs(nll - ref_nll) / ref_nll <= RTOL
@@ -249,6 +250,6 @@ def test_fp8_block_deploy_keeps_the_ssm_parts_and_stays_close(tmp_path, mode, ac
     not_converted = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     assert {"model.layers.0.linear_attn.in_proj_ba", "model.layers.0.mlp.shared_expert_gate"} <= set(not_converted)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    ours, _ = StreamingModel(out).sequence_nll(ids)
-    fp, _ = StreamingModel(model).sequence_nll(ids)
+    ours, _ = sequence_nll(StreamingModel(out), ids)
+    fp, _ = sequence_nll(StreamingModel(model), ids)
     assert ours != fp and abs(ours - fp) <= 0.02 * abs(fp)

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from blockptq_assets.tiny import make_tiny_checkpoint
 from cores.models import UnsupportedModelError, get_family
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 
 RTOL = 1e-5
@@ -74,7 +75,7 @@ def test_whole_model_nll_equals_reference(tiny):
         logits = ref(ids).logits
     ref_nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="sum")
-    nll, count = StreamingModel(path, dtype="float32").sequence_nll(ids, batch_size=2)
+    nll, count = sequence_nll(StreamingModel(path, dtype="float32"), ids, batch_size=2)
     assert count == 3 * 39
     assert abs(nll - float(ref_nll)) / float(ref_nll) <= RTOL
 

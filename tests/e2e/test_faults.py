@@ -12,7 +12,7 @@
 (c) two ``main.py`` jobs at once on the same block range, and on disjoint ranges: no
     corruption, and the disjoint pair equals one job (slow).
 
-The runs are real processes started through ``tests/fault_runner.py``, which wraps
+The runs are real processes started through ``tests/e2e/fault_runner.py``, which wraps
 the writes' callables to kill the process at the chosen call (the production code
 has no test hooks).
 """
@@ -54,8 +54,8 @@ from cores.models.deployed import check_deployed_files
 from cores.utils.checkpoint import INDEX_NAME
 from cores.utils.io import is_temp
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "tests" / "fault_runner.py"
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = ROOT / "tests" / "e2e" / "fault_runner.py"
 TEXT = " ".join(f"The {a} {b} of the {c} was {d} in {y}." for a in ("old", "young", "quiet", "bright")
                 for b in ("king", "river", "city", "song") for c in ("north", "sea", "hill") for d in ("seen", "kept")
                 for y in (1600, 1623))
@@ -506,7 +506,7 @@ VOLATILE = {"block_": ("seconds",), "deploy_report.json": ("seconds",)}
 ``seconds`` (main.py) and the deploy report's ``seconds``. Everything else is compared byte for byte."""
 
 EVENTS = {
-    "extract": "os:replace,os:fsync,cores.models.streaming:HiddenStore.read",
+    "extract": "os:replace,os:fsync,cores.models.hidden_store:HiddenStore.read",
     "main": "os:replace,os:fsync,cores.calibrator.fit:Batches.get",
     "deploy": "os:replace,os:fsync,cores.utils.safetensors_stream:_pwrite_all",
 }

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from blockptq_assets.tiny import fp8_twins, make_tiny_checkpoint
 from cores.models.mla import MLAAttention
 from cores.models.moe import MoE
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 
 RTOL = 1e-5
@@ -114,7 +115,7 @@ def test_every_block_equals_reference(tiny):
 def test_whole_model_nll_equals_reference(tiny):
     path, ref = tiny
     ids = _ids(ref.config.vocab_size)
-    nll, count = StreamingModel(path, dtype="float32").sequence_nll(ids, batch_size=2)
+    nll, count = sequence_nll(StreamingModel(path, dtype="float32"), ids, batch_size=2)
     assert count == 3 * (SEQ - 1)
     ref_nll = reference_nll(ref, ids)
     assert abs(nll - ref_nll) / ref_nll <= RTOL
@@ -202,8 +203,8 @@ def test_fp8_source_evaluates_like_bf16_twin_and_reference(model_type, tmp_path)
     fp8_dir, bf16_dir = fp8_twins(src, tmp_path / "fp8", tmp_path / "bf16")
     assert any(k.endswith("experts.1.down_proj.weight_scale_inv") for k in load_file(fp8_dir / "model.safetensors"))
     ids = _ids(512)
-    fp8 = StreamingModel(fp8_dir, dtype="float32").sequence_nll(ids)
-    assert fp8 == StreamingModel(bf16_dir, dtype="float32").sequence_nll(ids)
+    fp8 = sequence_nll(StreamingModel(fp8_dir, dtype="float32"), ids)
+    assert fp8 == sequence_nll(StreamingModel(bf16_dir, dtype="float32"), ids)
     ref_nll = reference_nll(_reference(bf16_dir), ids)
     assert abs(fp8[0] - ref_nll) / ref_nll <= RTOL
 
@@ -227,5 +228,5 @@ def test_mtp_layer_is_not_run(tmp_path):
     (with_mtp / "config.json").write_text(json.dumps(config))
     save_file(tensors | mtp, str(with_mtp / "model.safetensors"), metadata={"format": "pt"})
     ids = _ids(config["vocab_size"])
-    assert StreamingModel(with_mtp, dtype="float32").sequence_nll(ids) == StreamingModel(
-        src, dtype="float32").sequence_nll(ids)
+    assert sequence_nll(StreamingModel(with_mtp, dtype="float32"), ids) == sequence_nll(StreamingModel(
+        src, dtype="float32"), ids)

@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("BLOCKPTQ_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 """The vLLM venv's interpreter (``BLOCKPTQ_VLLM_PYTHON`` names another one, e.g. a worktree's main checkout's)."""
 SEQ_LEN, WINDOWS = 256, 4

@@ -1,6 +1,6 @@
-"""Run an entry point as ``python SCRIPT ARGS`` with faults injected from outside it (used by tests/test_faults.py).
+"""Run an entry point as ``python SCRIPT ARGS`` with faults injected from outside it (used by tests/e2e/test_faults.py).
 
-    python tests/fault_runner.py [--events os:replace,os:fsync,...] [--count_file F]
+    python tests/e2e/fault_runner.py [--events os:replace,os:fsync,...] [--count_file F]
         [--kill_at N --kill_when before|after] [--deny_write DIR] -- SCRIPT ARGS...
 
 - ``--events``: callables (``module:attr`` or ``module:Class.attr``) whose calls are
@@ -28,7 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _install(targets: list[str], kill_at: int | None, when: str, calls: list[str]) -> None:

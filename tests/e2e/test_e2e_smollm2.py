@@ -11,6 +11,7 @@ from cores.calibrator.extract import ExtractConfig, extract_calibration
 from cores.calibrator.trainer import TrainConfig, run_training
 from cores.deploy import DeployConfig, deploy
 from cores.eval.perplexity import PplConfig, evaluate_ppl
+from cores.models.run import sequence_nll
 from cores.models.streaming import StreamingModel
 from cores.utils.data import load_text, ppl_windows
 
@@ -25,7 +26,7 @@ def test_streaming_ppl_equals_plain_transformers(assets, windows):
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref_nll = sum(float(model(w[None], labels=w[None]).loss) for w in windows) / len(windows)
-    nll, count = StreamingModel(assets.model_dir, dtype="float32").sequence_nll(windows, batch_size=2)
+    nll, count = sequence_nll(StreamingModel(assets.model_dir, dtype="float32"), windows, batch_size=2)
     assert count == 3 * 255
     assert abs(math.exp(nll / count) / math.exp(ref_nll) - 1) < 1e-3  # the bound is 0.1 %
 
