@@ -180,9 +180,13 @@ def _fp8_entry(reader: CheckpointReader, key: str, cfg: Fp8BlockConfig, stats: A
         act = None if mean_square is None or cfg.mode == "max" else channel_weights(mean_square)
         weight_check = None if not check else WeightCheck(
             key.removesuffix(".weight"), 8, workspace, fmt="fp8", peak_weight=None if act is None else act.sqrt())
-        for run in iter_quantize_fp8_block(weight, cfg, act, errors=weight_check is not None):
+        runs = iter_quantize_fp8_block(weight, cfg, act, error_stats=weight_check is not None,
+                                       peak_weight=None if weight_check is None else weight_check.peak_weight)
+        for run in runs:
             if weight_check is not None:
-                for cols, source, error in run.pieces:
+                if run.stats is not None:  # the native kernel's aggregates
+                    weight_check.add_stats(run.stats)
+                for cols, source, error in run.pieces:  # the torch path's error
                     weight_check.update_error(source, error, cols)
                 if run.rows.stop == shape[0]:
                     writer.add_check(key, weight_check.result())

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ..quantization import Workspace
+from ..quantization.fp8_native import Fp8ErrorStats
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,21 @@ class WeightCheck:
             columns: The weight's input columns the rectangle holds (their :attr:`peak_weight`); None: all.
         """
         self._add(original.reshape(-1), error.reshape(-1), columns)
+
+    def add_stats(self, stats: Fp8ErrorStats) -> None:
+        """Add a run's error aggregates, as :meth:`update_error` would from its source and error: the native
+        FP8 kernel's (:mod:`cores.quantization.fp8_native`), which never forms the error (its peak error
+        already weighted by :attr:`peak_weight`)."""
+        s = self.sums
+        s["xx"] += stats.xx
+        s["xe"] += stats.xe
+        s["ee"] += stats.ee
+        s["abs"] += stats.abs
+        self.count += stats.count
+        self.max_abs = max(self.max_abs, stats.max_abs)
+        if self.fmt == "fp8":
+            self.peak_src = max(self.peak_src, stats.peak_src)
+            self.peak_err = max(self.peak_err, stats.peak_err)
 
     def _add(self, x: Tensor, error: Tensor, columns: slice | None = None) -> None:
         """Accumulate the flat source ``x`` and its error ``x - W_q`` (made ``|error|`` on the way)."""

@@ -25,6 +25,11 @@ statistic weights element ``(i, j)`` by ``a_j``: `rms` is the weighted rms,
 `percentile` the weighted percentile, `mse` minimises ``sum_ij a_j (w_ij - q_ij)^2``, the
 expected output error ``E||x (W - Q)^T||^2`` when input channels are uncorrelated.
 `max` has nothing to choose and takes no statistics.
+
+On CPU the codes (and the `max` scales, and a check's error statistics) come from a fused native kernel
+(:mod:`cores.quantization.fp8_native`, built at first use; ``BLOCKPTQ_NATIVE=0`` turns it off), byte for byte
+those of the torch path below, which CUDA tensors, weights with a NaN or an infinity, and hosts without a C
+compiler take.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .fp8_native import Fp8ErrorStats, encode_tiles, native_usable
 from .primitives import FP8_E4M3_MAX
 
 FP8_BLOCK: tuple[int, int] = (128, 128)
@@ -270,14 +276,18 @@ class Fp8Run:
         rows: The weight's rows it covers.
         codes: ``float8_e4m3fn [rows, in]``.
         scale_inv: fp32 ``[tile rows, tile cols]``.
-        pieces: With ``errors``: per rectangle of equal tiles, ``(cols, source, error)``, both fp32 ``[rows,
-            cols]`` row-major: the source as read, and ``source - codes * scale_inv``; else empty.
+        pieces: With ``errors`` (or ``error_stats`` on the torch path): per rectangle of equal tiles, ``(cols,
+            source, error)``, both fp32 ``[rows, cols]`` row-major: the source as read, and ``source - codes *
+            scale_inv``; else empty.
+        stats: With ``error_stats`` where the native kernel ran: the aggregates of that error (never formed);
+            else None.
     """
 
     rows: slice
     codes: Tensor
     scale_inv: Tensor
     pieces: tuple[tuple[slice, Tensor, Tensor], ...] = ()
+    stats: Fp8ErrorStats | None = None
 
 
 def _encode(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], clip: bool, errors: bool
@@ -316,8 +326,27 @@ def quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), a
     each tile's scale broadcast over it in the weight's own layout (:func:`_encode`).
     """
     _check_args(weight, cfg, act)
-    scale_inv = _scales(weight, cfg, act)
-    return _encode(weight, scale_inv, cfg.block, cfg.mode != "max", False)[0], scale_inv
+    run = _quantize_run(weight, cfg, act, False, False, None)
+    return run[0], run[1]
+
+
+def _quantize_run(weight: Tensor, cfg: Fp8BlockConfig, act: Tensor | None, errors: bool, error_stats: bool,
+                  peak_weight: Tensor | None
+                  ) -> tuple[Tensor, Tensor, list[tuple[slice, Tensor, Tensor]], Fp8ErrorStats | None]:
+    """``(codes, scale_inv, pieces, stats)`` of a run (see :class:`Fp8Run`): the fused native kernel
+    (:mod:`cores.quantization.fp8_native`, bit-identical codes and scales) where it takes the weight and no
+    ``errors`` pieces are asked for, else (and for a weight with a NaN or an infinity) :func:`_scales` and
+    :func:`_encode`."""
+    scale_inv = None
+    if not errors and native_usable(weight):
+        scale_inv = None if cfg.mode == "max" else _scales(weight, cfg, act)
+        out = encode_tiles(weight, cfg.block, scale_inv, error_stats, peak_weight)
+        if out is not None:
+            return out[0], out[1], [], out[2]
+    if scale_inv is None:
+        scale_inv = _scales(weight, cfg, act)
+    codes, pieces = _encode(weight, scale_inv, cfg.block, cfg.mode != "max", errors or error_stats)
+    return codes, scale_inv, pieces, None
 
 
 def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int = 1 << 22) -> int:
@@ -327,20 +356,22 @@ def tile_row_step(in_dim: int, block: tuple[int, int] = FP8_BLOCK, elements: int
 
 @torch.no_grad()
 def iter_quantize_fp8_block(weight: Tensor, cfg: Fp8BlockConfig = Fp8BlockConfig(), act: Tensor | None = None,
-                            elements: int = 1 << 22, errors: bool = False) -> Iterator[Fp8Run]:
+                            elements: int = 1 << 22, errors: bool = False, error_stats: bool = False,
+                            peak_weight: Tensor | None = None) -> Iterator[Fp8Run]:
     """:func:`quantize_fp8_block` a run of tile rows at a time (:class:`Fp8Run`).
 
     Tiles are independent, so the result is that of the whole weight; only a run's buffers exist at a time.
     ``errors`` adds each run's source and error in fp32, for a check (:class:`Fp8Run`), formed while the
-    run is in cache.
+    run is in cache. ``error_stats`` asks for what a check keeps of the error: its aggregates
+    (:attr:`Fp8Run.stats`, the peak error's columns weighted by ``peak_weight`` ``[in]``) where the native
+    kernel runs, else the pieces of ``errors``.
     """
     _check_args(weight, cfg, act)
     step = tile_row_step(weight.shape[1], cfg.block, elements)
     for start in range(0, weight.shape[0], step):
         rows = slice(start, min(start + step, weight.shape[0]))
-        scale_inv = _scales(weight[rows], cfg, act)
-        codes, pieces = _encode(weight[rows], scale_inv, cfg.block, cfg.mode != "max", errors)
-        yield Fp8Run(rows, codes, scale_inv, tuple(pieces))
+        codes, scale_inv, pieces, stats = _quantize_run(weight[rows], cfg, act, errors, error_stats, peak_weight)
+        yield Fp8Run(rows, codes, scale_inv, tuple(pieces), stats)
 
 
 def scale_tiles_(values: Tensor, scale_inv: Tensor, block: tuple[int, int] = FP8_BLOCK) -> Tensor:
